@@ -1,0 +1,75 @@
+"""Configuration of the SINDER adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft.config import PeftConfig
+
+from .registration import SINDER_PEFT_TYPE
+
+
+@dataclass
+class SinderConfig(PeftConfig):
+    """Configuration of a [`SinderModel`]: which linear layers get a trainable singular-value shift.
+
+    Every targeted `nn.Linear` of weight `W = U diag(S) V^T` (thin SVD) applies `U diag(S + delta) V^T` instead, with
+    `U`, `S`, `V` frozen and only `delta` (one entry per singular value, largest first, initialised to zero) trained.
+
+    Args:
+        target_modules (`Optional[Union[list[str], str]]`):
+            Names (or a regex) of the linear modules to adapt. `None` picks the SINDER defaults of the model's
+            architecture: the value and output projections of attention and every MLP projection (`v_proj`, `o_proj`,
+            `fc1`, `fc2`, or `gate_proj`, `up_proj`, `down_proj` for the SwiGLU blocks of ViT-g), in every layer.
+            Query and key projections are never targeted by default.
+        exclude_modules (`Optional[Union[list[str], str]]`):
+            Names (or a regex) of modules not to adapt.
+        layers_to_transform (`Optional[Union[list[int], int]]`):
+            Indices of the transformer blocks to adapt; `None` adapts every block. The trainer sets this to the
+            blocks that can receive gradients.
+        layers_pattern (`Optional[Union[list[str], str]]`):
+            Name of the `nn.ModuleList` holding the blocks, used with `layers_to_transform` (`"layer"` for DINOv2).
+        fingerprint_rtol (`float`):
+            Tolerance of the base-model check done when an adapter is loaded: each targeted weight's spectrum
+            fingerprint (its largest singular values and their sum) must match the saved one within this fraction of
+            the largest singular value. Loading onto a different base model is refused.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Linear module names or a regex of them to adapt. None uses the SINDER defaults: attention value and "
+                "output projections and every MLP projection."
+            )
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or a regex of them not to adapt."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Indices of the transformer blocks to adapt; None adapts all of them."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the ModuleList of blocks, used with layers_to_transform."}
+    )
+    fingerprint_rtol: float = field(
+        default=1e-2,
+        metadata={"help": "Relative tolerance of the base-model spectrum check done when an adapter is loaded."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = SINDER_PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` only makes sense together with `layers_to_transform`.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
+        if not self.fingerprint_rtol > 0:
+            raise ValueError(f"`fingerprint_rtol` must be positive, got {self.fingerprint_rtol}.")

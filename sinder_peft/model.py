@@ -1,0 +1,120 @@
+"""The SINDER tuner: injects `sinder_peft.layer.Linear` into the targeted linear layers of a model."""
+
+from __future__ import annotations
+
+import re
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .architectures import describe_model
+from .config import SinderConfig
+from .layer import Linear, SinderLayer
+from .registration import SINDER_PREFIX
+
+
+class SinderModel(BaseTuner):
+    """Creates a SINDER model from a pretrained DINOv2 model (Wang, Zhang & Salzmann, "SINDER: Repairing the Singular
+    Defects of DINOv2", ECCV 2024).
+
+    Every targeted linear layer keeps its singular vectors frozen and learns a shift of its singular values. Use it
+    through PEFT after `import sinder_peft`:
+
+    ```py
+    >>> import sinder_peft
+    >>> from peft import get_peft_model
+    >>> from transformers import Dinov2Model
+
+    >>> model = Dinov2Model.from_pretrained("facebook/dinov2-base")
+    >>> peft_model = get_peft_model(model, sinder_peft.SinderConfig())
+    >>> peft_model.print_trainable_parameters()
+    ```
+
+    Args:
+        model (`torch.nn.Module`): The model to adapt.
+        config ([`SinderConfig`]): The configuration of the adapter.
+        adapter_name (`str`): The name of the adapter, `"default"` by default.
+        low_cpu_mem_usage (`bool`): Not supported: SINDER needs the base weights to compute their SVD.
+    """
+
+    prefix: str = SINDER_PREFIX
+    tuner_layer_cls = SinderLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: SinderConfig, model_config: dict) -> SinderConfig:
+        """Fill in the architecture's default targets and check the requested targets against the model.
+
+        Returns the same config object, as PEFT tuners do, with `target_modules` set.
+
+        Raises:
+            ValueError: for a non-DINOv2 model without explicit `target_modules`, for target names that match no
+                module (naming the linear modules that exist), and for `layers_to_transform` out of range.
+        """
+        if peft_config.target_modules is None:
+            peft_config.target_modules = set(describe_model(self.model).target_module_names)
+        self._check_target_names_exist(peft_config)
+        self._check_layers_to_transform(peft_config)
+        return peft_config
+
+    def _check_target_names_exist(self, peft_config: SinderConfig) -> None:
+        """Raise if a target name (not a regex) matches no module of the model, naming the linear modules found."""
+        if isinstance(peft_config.target_modules, str):
+            if not any(re.fullmatch(peft_config.target_modules, name) for name, _ in self.model.named_modules()):
+                raise ValueError(
+                    f"The regex target_modules={peft_config.target_modules!r} matches no module of the model. "
+                    f"Linear modules found: {self._linear_leaf_names()}."
+                )
+            return
+        module_names = [name for name, _ in self.model.named_modules()]
+        missing = sorted(
+            target
+            for target in peft_config.target_modules
+            if not any(name == target or name.endswith(f".{target}") for name in module_names)
+        )
+        if missing:
+            raise ValueError(
+                f"Target modules {missing} were not found in the model. Linear modules found: "
+                f"{self._linear_leaf_names()}."
+            )
+
+    def _check_layers_to_transform(self, peft_config: SinderConfig) -> None:
+        """Raise if `layers_to_transform` names a block the DINOv2 model does not have."""
+        if peft_config.layers_to_transform is None:
+            return
+        try:
+            num_layers = describe_model(self.model).num_layers
+        except ValueError:
+            return
+        out_of_range = [index for index in peft_config.layers_to_transform if not 0 <= index < num_layers]
+        if out_of_range:
+            raise ValueError(f"layers_to_transform {out_of_range} out of range: the model has {num_layers} layers.")
+
+    def _linear_leaf_names(self) -> list[str]:
+        """Sorted distinct last components of the names of the model's `nn.Linear` modules."""
+        return sorted(
+            {name.rsplit(".", 1)[-1] for name, module in self.model.named_modules() if isinstance(module, nn.Linear)}
+        )
+
+    def _create_and_replace(
+        self,
+        peft_config: SinderConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
+        """Wrap `target` in a SINDER layer, or add the adapter to it if it is one already."""
+        if isinstance(target, SinderLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(
+                f"SINDER adapts `torch.nn.Linear` layers only, but target '{current_key}' is a "
+                f"{type(base_layer).__name__}. Linear modules found: {self._linear_leaf_names()}."
+            )
+        new_module = Linear(target, adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)

@@ -1,0 +1,227 @@
+"""Load a DINOv2 backbone, and the image normalization it was trained with, from whatever `--model` names.
+
+`--model` may be `"demo"` (the planted-defect demo model, no download), a local directory written by
+`save_pretrained` (or the output directory of `sinder repair`, which holds one in `model/`), or a Hub id such as
+`facebook/dinov2-base`. Hub ids are looked up in the local Hugging Face cache first, so a cached model loads without
+any network access; only when it is not cached (and the Hub is not switched off with `HF_HUB_OFFLINE=1`) is it
+downloaded. Every way this can fail ends in one exception with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from huggingface_hub import constants
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from torch import nn
+from transformers import AutoConfig, AutoModel, ImageProcessingMixin, PretrainedConfig
+
+from .architectures import describe_config
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+DEMO_MODEL_NAME = "demo"
+
+_Loaded = TypeVar("_Loaded")
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The model is neither a local directory nor in the local Hugging Face cache, and could not be downloaded."""
+
+
+@dataclass(frozen=True)
+class ImageNormalization:
+    """Per-channel mean and standard deviation applied to RGB pixel values in [0, 1].
+
+    Attributes:
+        mean: the value subtracted from each channel (R, G, B).
+        std: the value each channel is divided by after subtracting the mean.
+    """
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (R, G, B), got mean={self.mean} and std={self.std}.")
+        if any(value <= 0 for value in self.std):
+            raise ValueError(f"Every std value must be positive, got {self.std}.")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether `name` is a valid Hub repository id (`name` or `namespace/name`) rather than a file system path."""
+    if name.startswith((".", "/", "~")) or "\\" in name:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _resolve_local_directory(directory: Path) -> Path:
+    """Return the directory holding `config.json`: `directory` itself, or its `model/` (a `sinder repair` output).
+
+    Raises:
+        FileNotFoundError: if neither holds a `config.json`.
+    """
+    if (directory / "config.json").is_file():
+        return directory
+    if (directory / "model" / "config.json").is_file():
+        logger.info("Loading the merged model in %s/model (a `sinder repair` output directory).", directory)
+        return directory / "model"
+    hint = ""
+    if (directory / "adapter_config.json").is_file():
+        hint = (
+            " It holds a PEFT adapter (adapter_config.json), not a full model: pass the merged `model/` directory "
+            "written next to it by `sinder repair`, or load the base model and `PeftModel.from_pretrained` it."
+        )
+    raise FileNotFoundError(
+        f"The directory {str(directory)!r} has no config.json, so it is not a model written by "
+        f"`save_pretrained`.{hint}"
+    )
+
+
+def _cache_first(loader: Callable[..., _Loaded], source: str, **kwargs: Any) -> _Loaded:
+    """Call `loader(source, **kwargs)` on the local cache only, then, if that fails and the Hub is allowed, online.
+
+    Trying the cache first makes a cached model load instantly without network access (transformers would otherwise
+    contact the Hub, and retry for tens of seconds when it cannot be reached).
+    """
+    try:
+        return loader(source, local_files_only=True, **kwargs)
+    except OSError:
+        if constants.HF_HUB_OFFLINE:
+            raise
+    return loader(source, **kwargs)
+
+
+def _not_available(name: str, error: OSError) -> ModelNotAvailableError:
+    """Build the error raised when the Hub id `name` is neither cached nor downloadable, keeping the cause short."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    offline = (
+        "the Hub is switched off (HF_HUB_OFFLINE=1)"
+        if constants.HF_HUB_OFFLINE
+        else "it could not be downloaded (no network, or no such repository)"
+    )
+    return ModelNotAvailableError(
+        f"Cannot load the model {name!r}: there is no local directory of that name, it is not in the local Hugging "
+        f"Face cache ({constants.HF_HUB_CACHE}), and {offline}. To get it, run `hf download {name}` (older "
+        f"huggingface_hub: `huggingface-cli download {name}`) on a machine with network access and copy the cache "
+        "over, or pass a local directory written by `save_pretrained`. "
+        f"Cause: {reason}"
+    )
+
+
+def _per_channel(value: float | Sequence[float]) -> tuple[float, ...]:
+    """Return an image processor's mean or std as a tuple of floats (a single number applies to every channel)."""
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    return tuple(float(entry) for entry in value)
+
+
+def load_normalization(source: str | Path) -> ImageNormalization:
+    """Return the image normalization of the model at `source` (local directory or Hub id).
+
+    Reads `image_mean` / `image_std` from the model's image processor config (`preprocessor_config.json`, what
+    `AutoImageProcessor` loads) when there is one (local directory, local cache, or Hub when online). The config is
+    read as a dict rather than instantiated, so no image-processing backend (torchvision) is needed. Falls back to
+    the ImageNet mean/std, which all DINOv2 checkpoints use, when there is no config or it does not set both.
+    """
+    try:
+        config, _ = _cache_first(ImageProcessingMixin.get_image_processor_dict, str(source))
+    except (OSError, ValueError) as error:
+        logger.info("No image processor config found for %s (%s); using the ImageNet mean/std.", source, error)
+        return ImageNormalization()
+    mean, std = config.get("image_mean"), config.get("image_std")
+    if mean is None or std is None:
+        logger.info("The image processor of %s sets no image_mean/image_std; using the ImageNet mean/std.", source)
+        return ImageNormalization()
+    return ImageNormalization(mean=_per_channel(mean), std=_per_channel(std))
+
+
+def _load_config(source: str, name: str, from_hub: bool) -> PretrainedConfig:
+    """Load the config of `source` and check that it is a supported DINOv2 model, before any weights are read.
+
+    Raises:
+        ModelNotAvailableError: if `source` is a Hub id that is neither cached nor downloadable.
+        ValueError: if the model is not a DINOv2 model.
+    """
+    if from_hub:
+        try:
+            config = _cache_first(AutoConfig.from_pretrained, source)
+        except OSError as error:
+            raise _not_available(name, error) from error
+    else:
+        config = AutoConfig.from_pretrained(source)
+    try:
+        describe_config(config)
+    except ValueError as error:
+        raise ValueError(f"Cannot use {name!r}: {error}") from error
+    return config
+
+
+def load_backbone(model: str, *, dtype: torch.dtype | None = None) -> tuple[nn.Module, ImageNormalization]:
+    """Load the DINOv2 backbone named by `model`, in eval mode, with the normalization its images need.
+
+    Args:
+        model: `"demo"`, a local directory written by `save_pretrained` (or a `sinder repair` output directory), or
+            a Hub id such as `facebook/dinov2-base` or `facebook/dinov2-with-registers-small`.
+        dtype: dtype to load the weights in; `None` keeps the checkpoint's.
+
+    Returns:
+        The bare backbone as `AutoModel` builds it (`Dinov2Model` / `Dinov2WithRegistersModel`), and the
+        `ImageNormalization` from its image processor (ImageNet mean/std when it has none).
+
+    Raises:
+        FileNotFoundError: `model` is neither an existing path nor shaped like a Hub id, or a directory without a
+            model in it.
+        ModelNotAvailableError: a Hub id that is not cached and cannot be downloaded (offline, no network, no such
+            repository).
+        ValueError: the model is not a DINOv2 model.
+    """
+    if model == DEMO_MODEL_NAME:
+        from .demo import build_demo_model
+
+        backbone = build_demo_model()
+        if dtype is not None:
+            backbone = backbone.to(dtype)
+        return backbone.eval(), ImageNormalization()
+
+    path = Path(model).expanduser()
+    from_hub = False
+    if path.is_dir():
+        source = str(_resolve_local_directory(path))
+    elif path.exists():
+        raise FileNotFoundError(
+            f"{model!r} is a file; --model takes a directory written by `save_pretrained`, a Hub id or 'demo'."
+        )
+    elif looks_like_hub_id(model):
+        source, from_hub = model, True
+    else:
+        raise FileNotFoundError(
+            f"{model!r} does not exist and is not a Hub id (like 'facebook/dinov2-base'); --model takes a directory "
+            "written by `save_pretrained`, a Hub id or 'demo'."
+        )
+
+    config = _load_config(source, model, from_hub)
+    load_kwargs: dict[str, Any] = {"config": config}
+    if dtype is not None:
+        load_kwargs["dtype"] = dtype
+    if from_hub:
+        try:
+            backbone = _cache_first(AutoModel.from_pretrained, source, **load_kwargs)
+        except OSError as error:
+            raise _not_available(model, error) from error
+    else:
+        backbone = AutoModel.from_pretrained(source, **load_kwargs)
+    logger.info("Loaded %s (%s) from %s.", type(backbone).__name__, config.model_type, source)
+    return backbone.eval(), load_normalization(source)

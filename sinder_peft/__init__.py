@@ -5,6 +5,7 @@ Importing this package registers the "SINDER" adapter type with PEFT, so that `p
 """
 
 from .config import SinderConfig
+from .defects import DefectAnalysis, find_defect_tokens, singular_defect_directions
 from .layer import Linear as SinderLinear
 from .layer import SinderLayer
 from .model import SinderModel
@@ -16,9 +17,12 @@ register_sinder(SinderConfig, SinderModel)
 
 __all__ = [
     "SINDER_PEFT_TYPE",
+    "DefectAnalysis",
     "SinderConfig",
     "SinderLayer",
     "SinderLinear",
     "SinderModel",
     "__version__",
+    "find_defect_tokens",
+    "singular_defect_directions",
 ]

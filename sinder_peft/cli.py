@@ -1,0 +1,39 @@
+"""The `sinder` command: `sinder diagnose`, `sinder repair`, `sinder convert`.
+
+Each subcommand lives with the code it drives (`diagnose.py`, `repair.py`, `convert.py`), which registers its
+arguments through `add_parser(subparsers)` and its handler through `set_defaults(handler=...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from . import __version__, convert, diagnose, repair
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the `sinder` argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="sinder", description="Find and repair the singular defects of DINOv2 models (SINDER, ECCV 2024)."
+    )
+    parser.add_argument("--version", action="version", version=f"sinder-peft {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    diagnose.add_parser(subparsers)
+    repair.add_parser(subparsers)
+    convert.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default: the command line), run the chosen subcommand and return its exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,611 @@
+"""The repair job: `accelerate launch examples/repair.py` / `sinder repair`.
+
+Loads a DINOv2 model and images, measures its defects, adapts the blocks that can train, runs `SinderTrainer`, and
+writes the output directory:
+
+    model/        the merged, repaired model (plain transformers weights) with its README.md model card
+    adapter/      the PEFT adapter (singular-value shifts only)
+    report.json   defect statistics before/after, training numbers
+    figures/      before/after norm and PCA maps, per-layer norm plots
+    checkpoints/  the last training checkpoint (for --resume)
+
+Every input is checked before anything is written: a bad model, an empty or unreadable data folder or too-small
+images fail with a clear message and leave no output directory behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from peft import PeftModel
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+
+from . import __version__
+from .architectures import describe_model, unwrap_backbone
+from .data import build_dataset, collate_images
+from .defects import DefectAnalysis, find_defect_tokens
+from .loading import DEMO_MODEL_NAME, ImageNormalization, load_backbone
+from .trainer import (
+    SinderTrainer,
+    TrainerState,
+    TrainingArguments,
+    build_sinder_model,
+    compute_directions,
+    resolve_checkpoint,
+    select_layers_to_transform,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RESOLUTION = 518
+DEMO_RESOLUTION = 224
+DEMO_STOP_WINDOW = 6
+
+
+@dataclass
+class RepairArguments:
+    """Inputs and outputs of a repair run (the training hyperparameters are in `training`).
+
+    Attributes:
+        model: a Hub id, a local model directory, or "demo".
+        output_dir: where the run writes its outputs.
+        data: an image folder, a 🤗 datasets name or saved dataset; None uses the bundled demo images.
+        data_split: dataset split for 🤗 datasets.
+        image_column: image column for 🤗 datasets.
+        streaming: stream a 🤗 dataset instead of downloading it whole.
+        resolution: short side of the training images; None means 518 (224 for the demo).
+        selection_images: images analysed before training to choose the adapted blocks.
+        report_images: images analysed before and after for report.json and the figures.
+        resume: a checkpoint (or run directory) to continue from.
+        overwrite: allow writing into an existing, non-empty output directory.
+        report_to: Accelerate tracker(s) to log to ("tensorboard", "wandb", "all"...); None logs nowhere.
+        push_to_hub: Hub repository to upload model/ (with its card) to.
+        push_adapter: also upload adapter/ (into the same repository's `adapter/` folder).
+        hub_token: token for the upload (default: the logged-in token).
+        hub_endpoint: Hub URL for the upload (default: HF_ENDPOINT or huggingface.co).
+        training: the hyperparameters of `SinderTrainer`.
+    """
+
+    model: str = DEMO_MODEL_NAME
+    output_dir: str = "runs/sinder"
+    data: str | None = None
+    data_split: str = "train"
+    image_column: str = "image"
+    streaming: bool = False
+    resolution: int | None = None
+    selection_images: int = 8
+    report_images: int = 4
+    resume: str | None = None
+    overwrite: bool = False
+    report_to: str | None = None
+    push_to_hub: str | None = None
+    push_adapter: bool = False
+    hub_token: str | None = None
+    hub_endpoint: str | None = None
+    training: TrainingArguments = field(default_factory=TrainingArguments)
+
+
+@dataclass
+class RepairResult:
+    """What a repair run produced.
+
+    Attributes:
+        output_dir: the run's output directory.
+        report: the content of report.json.
+        state: the trainer's final state.
+    """
+
+    output_dir: Path
+    report: dict[str, Any]
+    state: TrainerState
+
+
+def _first_images(dataset: Dataset | IterableDataset, count: int) -> tuple[torch.Tensor, list[str]]:
+    """Return the first `count` readable images of the dataset (in its own order) as a batch, and their paths."""
+    items: list[Any] = []
+    iterator = iter(dataset) if isinstance(dataset, IterableDataset) else (dataset[i] for i in range(len(dataset)))
+    for item in iterator:
+        if item is not None:
+            items.append(item)
+        if len(items) == count:
+            break
+    batch = collate_images(items)
+    if batch is None:
+        raise ValueError("The data holds no readable image.")
+    return batch["pixel_values"], batch["paths"]
+
+
+def _analysis_summary(analysis: DefectAnalysis) -> dict[str, Any]:
+    """Return report.json's summary of an analysis: last-layer norm ratios, defect-token shares, defective layers."""
+    last = analysis.num_layers - 1
+    tokens = analysis.grid_size[0] * analysis.grid_size[1]
+    at_first = [
+        int(analysis.masks[image, layer].sum()) if layer >= 0 else 0
+        for image, layer in enumerate(analysis.first_defective_layer.tolist())
+    ]
+    ratios = analysis.max_median_norm_ratio[:, last]
+    return {
+        "max_median_norm_ratio_last_layer": ratios.tolist(),
+        "mean_max_median_norm_ratio_last_layer": float(ratios.mean()),
+        "defect_token_share": [count / tokens for count in at_first],
+        "mean_defect_token_share": sum(at_first) / (tokens * analysis.num_images),
+        "first_defective_layer": analysis.first_defective_layer.tolist(),
+        "images_with_defects": int((analysis.first_defective_layer >= 0).sum()),
+    }
+
+
+def _final_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Return the model's output patch features (after the final LayerNorm), [B, N, C]: what users consume."""
+    backbone = unwrap_backbone(model)
+    with torch.no_grad():
+        output = backbone(pixel_values=pixel_values).last_hidden_state
+    return output[:, describe_model(backbone).num_prefix_tokens :]
+
+
+def clean_token_cosine(before_features: torch.Tensor, after_features: torch.Tensor, before: DefectAnalysis) -> float:
+    """Return the mean cosine between the original and repaired output features of the *clean* patch tokens: those
+    never flagged at any layer of the original model's analysis."""
+    clean = ~before.masks.any(dim=1).flatten(1)
+    cosines = nn.functional.cosine_similarity(before_features.float(), after_features.float(), dim=-1)
+    return float(cosines.cpu()[clean].mean())
+
+
+def _check_output_dir(args: RepairArguments) -> Path:
+    """Return the output directory, refusing a non-empty one unless resuming into it or `overwrite` is set."""
+    output_dir = Path(args.output_dir).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {str(output_dir)!r} is a file.")
+    busy = output_dir.is_dir() and any(output_dir.iterdir())
+    resuming_here = args.resume is not None and Path(args.resume).expanduser().resolve().is_relative_to(
+        output_dir.resolve()
+    )
+    if busy and not (args.overwrite or resuming_here):
+        raise FileExistsError(
+            f"--output-dir {str(output_dir)!r} is not empty; pass --overwrite, choose another directory, or "
+            f"--resume {str(output_dir)!r} to continue that run."
+        )
+    return output_dir
+
+
+def repair(args: RepairArguments, callbacks: tuple = ()) -> RepairResult:
+    """Run a whole repair (see the module docstring) and return what it produced.
+
+    Args:
+        args: the run's arguments.
+        callbacks: passed to `SinderTrainer` (called with the state after every step).
+
+    Raises:
+        FileExistsError, FileNotFoundError, ValueError, ModelNotAvailableError: bad inputs, before anything is
+            written.
+    """
+    training = args.training
+    output_dir = _check_output_dir(args)
+    resolution = args.resolution or (DEMO_RESOLUTION if args.model == DEMO_MODEL_NAME else DEFAULT_RESOLUTION)
+    accelerator = Accelerator(log_with=args.report_to, project_dir=str(output_dir) if args.report_to else None)
+    checkpoint = resolve_checkpoint(args.resume) if args.resume else None
+
+    base_model, normalization = load_backbone(args.model)
+    base_model = base_model.to(accelerator.device)
+    description = describe_model(base_model)
+    dataset = build_dataset(
+        args.data,
+        resolution,
+        description.patch_size,
+        normalization,
+        split=args.data_split,
+        image_column=args.image_column,
+        streaming=args.streaming,
+    )
+    sample, sample_paths = _first_images(dataset, max(args.selection_images, args.report_images))
+    sample = sample.to(accelerator.device)
+    directions = compute_directions(base_model)
+    before = find_defect_tokens(
+        base_model,
+        sample,
+        directions,
+        mask_thr=training.mask_thr,
+        min_tokens=training.skip_less_than,
+        kernel=training.kernel,
+    )
+    report_pixels = sample[: args.report_images]
+    before_features = _final_features(base_model, report_pixels).cpu()
+
+    if checkpoint is not None:
+        model = PeftModel.from_pretrained(base_model, checkpoint / "adapter", is_trainable=True)
+        layers = sorted(
+            {
+                int(name.split(".layer.")[1].split(".")[0])
+                for name, _ in model.named_parameters()
+                if ".sinder_delta." in name
+            }
+        )
+        logger.info(
+            "Resuming from %s (step %s).",
+            checkpoint,
+            json.loads((checkpoint / "trainer_state.json").read_text())["step"],
+        )
+    else:
+        layers = select_layers_to_transform(
+            before.first_defective_layer.tolist(), description.num_layers, training.limit_layers
+        )
+        model = build_sinder_model(base_model, layers)
+    found = sorted({layer for layer in before.first_defective_layer.tolist() if layer >= 0})
+    logger.info(
+        "First defective layers on %d sample images: %s; adapting blocks %s (of %d).",
+        len(sample_paths),
+        found or "none",
+        layers,
+        description.num_layers,
+    )
+    if args.report_to:
+        accelerator.init_trackers(
+            "sinder-repair", config={**asdict(training), "model": args.model, "layers": str(layers)}
+        )
+
+    trainer = SinderTrainer(model, directions, training, accelerator, output_dir / "checkpoints", callbacks=callbacks)
+    if checkpoint is not None:
+        trainer.load_checkpoint(checkpoint)
+    state = trainer.train(dataset)
+    accelerator.end_training()
+
+    report: dict[str, Any] = {}
+    if accelerator.is_main_process and state.stop_reason != "interrupted":
+        report = _export(
+            args,
+            output_dir,
+            model,
+            before=before,
+            before_features=before_features,
+            report_pixels=report_pixels,
+            report_paths=sample_paths[: args.report_images],
+            layers=layers,
+            state=state,
+            resolution=resolution,
+            normalization=normalization,
+        )
+    accelerator.wait_for_everyone()
+    return RepairResult(output_dir=output_dir, report=report, state=state)
+
+
+def _write_directory(target: Path, write: Any) -> Path:
+    """Write a directory through `write(temporary_path)` under a temporary name, then move it into place, so that
+    `target` is either complete or absent."""
+    temporary = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    write(temporary)
+    shutil.rmtree(target, ignore_errors=True)
+    temporary.rename(target)
+    return target
+
+
+def _export(
+    args: RepairArguments,
+    output_dir: Path,
+    model: PeftModel,
+    *,
+    before: DefectAnalysis,
+    before_features: torch.Tensor,
+    report_pixels: torch.Tensor,
+    report_paths: list[str],
+    layers: list[int],
+    state: TrainerState,
+    resolution: int,
+    normalization: ImageNormalization,
+) -> dict[str, Any]:
+    """Write adapter/, model/ (merged, with its card), report.json and figures/; push when asked. Returns the
+    report."""
+    from .data import denormalize_image
+    from .hub import RepairCard, push_folder_to_hub, write_model_card
+    from .visualize import save_before_after_figure, save_layer_norm_plot
+
+    training = args.training
+    _write_directory(output_dir / "adapter", model.save_pretrained)
+    merged = model.merge_and_unload().eval()
+    after_directions = compute_directions(merged)
+    after = find_defect_tokens(
+        merged,
+        report_pixels,
+        after_directions,
+        mask_thr=training.mask_thr,
+        min_tokens=training.skip_less_than,
+        kernel=training.kernel,
+    )
+    before_report = _subset(before, len(report_paths))
+    after_features = _final_features(merged, report_pixels).cpu()
+    report = {
+        "model": args.model,
+        "data": args.data or "bundled demo images",
+        "resolution": resolution,
+        "layers_adapted": layers,
+        "training": asdict(training),
+        "steps": state.step,
+        "images_seen": state.images_seen,
+        "images_skipped": state.images_skipped,
+        "nan_steps": state.nan_steps,
+        "stop_reason": state.stop_reason,
+        "seconds": round(state.seconds, 2),
+        "defective_layers_during_training": state.defective_layers,
+        "report_images": report_paths,
+        "before": _analysis_summary(before_report),
+        "after": _analysis_summary(after),
+        "clean_token_cosine": clean_token_cosine(before_features, after_features, before_report),
+        "sinder_peft_version": __version__,
+    }
+
+    def write_model(directory: Path) -> None:
+        merged.save_pretrained(directory)
+        write_model_card(
+            directory,
+            RepairCard(
+                base_model=args.model,
+                data=report["data"],
+                steps=state.step,
+                images_seen=state.images_seen,
+                images_skipped=state.images_skipped,
+                learning_rate=training.lr,
+                momentum=training.momentum,
+                resolution=resolution,
+                layers=layers,
+                seconds=state.seconds,
+                before=_card_numbers(report["before"]),
+                after=_card_numbers(report["after"]),
+                clean_token_cosine=report["clean_token_cosine"],
+                sinder_peft_version=__version__,
+                repo_id=args.push_to_hub,
+                num_report_images=len(report_paths),
+            ),
+        )
+
+    _write_directory(output_dir / "model", write_model)
+
+    def write_figures(directory: Path) -> None:
+        directory.mkdir(parents=True)
+        for index, path in enumerate(report_paths):
+            save_before_after_figure(
+                denormalize_image(report_pixels[index].cpu(), normalization),
+                before_report.token_norms[index, -1],
+                before_report.last_patch_features[index],
+                after.token_norms[index, -1],
+                after.last_patch_features[index],
+                directory / f"before_after_{index}_{_file_stem(path)}.png",
+                title=f"{Path(path).name}: last-layer token norms and features",
+            )
+        save_layer_norm_plot(
+            before_report.max_median_norm_ratio.tolist(),
+            _first_layer(before_report),
+            directory / "layer_norms_before.png",
+        )
+        save_layer_norm_plot(
+            after.max_median_norm_ratio.tolist(), _first_layer(after), directory / "layer_norms_after.png"
+        )
+
+    _write_directory(output_dir / "figures", write_figures)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    if args.push_to_hub:
+        report["pushed_to"] = push_folder_to_hub(output_dir / "model", args.push_to_hub, token=args.hub_token)
+        if args.push_adapter:
+            push_folder_to_hub(output_dir / "adapter", args.push_to_hub, token=args.hub_token, path_in_repo="adapter")
+        (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _file_stem(path: str) -> str:
+    """Return a file-name-safe stem for an image path (🤗 dataset items are named "source:split:index")."""
+    return "".join(character if character.isalnum() or character in "-_" else "_" for character in Path(path).stem)
+
+
+def _subset(analysis: DefectAnalysis, count: int) -> DefectAnalysis:
+    """Return the analysis of the first `count` images only."""
+    per_image = (
+        "cosines",
+        "masks",
+        "first_defective_layer",
+        "token_norms",
+        "max_median_norm_ratio",
+        "high_norm_share",
+        "last_patch_features",
+    )
+    values = {name.name: getattr(analysis, name.name) for name in fields(analysis)}
+    values.update({name: values[name][:count] for name in per_image})
+    return DefectAnalysis(**values)
+
+
+def _first_layer(analysis: DefectAnalysis) -> int | None:
+    """Return the earliest first defective layer over the analysed images, or None if none is defective."""
+    layers = [layer for layer in analysis.first_defective_layer.tolist() if layer >= 0]
+    return min(layers) if layers else None
+
+
+def _card_numbers(summary: dict[str, Any]) -> dict[str, float]:
+    """Return the averages of a report summary that the model card shows (NaN where no image is defective)."""
+    layers = [layer for layer in summary["first_defective_layer"] if layer >= 0]
+    return {
+        "max_median_norm_ratio": summary["mean_max_median_norm_ratio_last_layer"],
+        "defect_token_share": summary["mean_defect_token_share"],
+        "first_defective_layer": sum(layers) / len(layers) if layers else float("nan"),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the repair flags (DESIGN.md) to `parser` and return it; defaults are the paper's."""
+    defaults = TrainingArguments()
+    data = parser.add_argument_group("model and data")
+    data.add_argument(
+        "--model",
+        default=DEMO_MODEL_NAME,
+        help="Hub id (facebook/dinov2-base, ...), a local model directory, or 'demo' (default: demo)",
+    )
+    data.add_argument(
+        "--data",
+        default=None,
+        help="image folder (searched recursively), or a 🤗 datasets name or saved dataset; default: the demo images",
+    )
+    data.add_argument("--data-split", default="train", help="🤗 datasets split (default: train)")
+    data.add_argument("--image-column", default="image", help="🤗 datasets image column (default: image)")
+    data.add_argument("--streaming", action="store_true", help="stream the 🤗 dataset (large sets such as ImageNet)")
+    data.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help=f"short side of training images (default: {DEFAULT_RESOLUTION}; {DEMO_RESOLUTION} for the demo)",
+    )
+    output = parser.add_argument_group("outputs")
+    output.add_argument("--output-dir", default="runs/sinder", help="where to write model/, adapter/, report.json")
+    output.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
+    output.add_argument("--resume", default=None, help="continue from a checkpoint or a run's --output-dir")
+    output.add_argument("--save-every", type=int, default=defaults.save_every, help="checkpoint every N steps")
+    output.add_argument("--report-to", default=None, help="Accelerate tracker(s): tensorboard, wandb, all, ...")
+    output.add_argument("--report-images", type=int, default=4, help="images in report.json and the figures")
+    output.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload model/ to this Hub repository")
+    output.add_argument("--push-adapter", action="store_true", help="with --push-to-hub, also upload adapter/")
+    output.add_argument("--hub-token", default=None, help="Hub token (default: the logged-in one)")
+    output.add_argument("--hub-endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+    method = parser.add_argument_group("method (defaults: the paper's)")
+    method.add_argument("--max-steps", type=int, default=defaults.max_steps, help="optimizer steps at most")
+    method.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate")
+    method.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum")
+    method.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per process and step")
+    method.add_argument("--mask-thr", type=float, default=defaults.mask_thr, help="defect-token threshold k (std)")
+    method.add_argument("--kernel", type=int, choices=(3, 5), default=defaults.kernel, help="loss window size")
+    method.add_argument(
+        "--limit-layers",
+        type=int,
+        default=defaults.limit_layers,
+        help="blocks ending at the defective layer that receive gradients",
+    )
+    method.add_argument(
+        "--skip-less-than",
+        type=int,
+        default=defaults.skip_less_than,
+        help="a layer is defective from this many flagged tokens on",
+    )
+    method.add_argument(
+        "--stop-skip-ratio",
+        type=float,
+        default=defaults.stop_skip_ratio,
+        help="stop when this share of recent images has no defect",
+    )
+    method.add_argument(
+        "--stop-window",
+        type=int,
+        default=None,
+        help=f"recent images for the stop rule (default: {defaults.stop_window}; {DEMO_STOP_WINDOW} for the demo)",
+    )
+    method.add_argument(
+        "--preserve-weight",
+        type=float,
+        default=defaults.preserve_weight,
+        help="weight of the clean-token preservation term (0: the paper's loss alone)",
+    )
+    method.add_argument(
+        "--selection-images", type=int, default=8, help="images analysed before training to choose adapted blocks"
+    )
+    method.add_argument("--seed", type=int, default=defaults.seed, help="seed of the data order")
+    method.add_argument("--num-workers", type=int, default=defaults.num_workers, help="data-loading workers")
+    return parser
+
+
+def arguments_from_namespace(namespace: argparse.Namespace) -> RepairArguments:
+    """Build `RepairArguments` from parsed command-line flags (applying the demo defaults)."""
+    stop_window = namespace.stop_window
+    if stop_window is None:
+        stop_window = DEMO_STOP_WINDOW if namespace.data is None else TrainingArguments().stop_window
+    training = TrainingArguments(
+        lr=namespace.lr,
+        momentum=namespace.momentum,
+        max_steps=namespace.max_steps,
+        mask_thr=namespace.mask_thr,
+        kernel=namespace.kernel,
+        limit_layers=namespace.limit_layers,
+        skip_less_than=namespace.skip_less_than,
+        stop_skip_ratio=namespace.stop_skip_ratio,
+        stop_window=stop_window,
+        preserve_weight=namespace.preserve_weight,
+        batch_size=namespace.batch_size,
+        seed=namespace.seed,
+        save_every=namespace.save_every,
+        num_workers=namespace.num_workers,
+    )
+    return RepairArguments(
+        model=namespace.model,
+        output_dir=namespace.output_dir,
+        data=namespace.data,
+        data_split=namespace.data_split,
+        image_column=namespace.image_column,
+        streaming=namespace.streaming,
+        resolution=namespace.resolution,
+        selection_images=namespace.selection_images,
+        report_images=namespace.report_images,
+        resume=namespace.resume,
+        overwrite=namespace.overwrite,
+        report_to=namespace.report_to,
+        push_to_hub=namespace.push_to_hub,
+        push_adapter=namespace.push_adapter,
+        hub_token=namespace.hub_token,
+        hub_endpoint=namespace.hub_endpoint,
+        training=training,
+    )
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the `repair` subcommand on `subparsers` and return its parser (handler: `run`)."""
+    parser = subparsers.add_parser(
+        "repair",
+        help="repair the singular defects of a DINOv2 model",
+        description="Repair the singular defects of a DINOv2 model (SINDER) and write a standard, merged model.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(namespace: argparse.Namespace) -> int:
+    """Run a repair from parsed flags and print where the outputs are and the before/after numbers.
+
+    Returns the exit code: 0 on success, 1 (with a one-line message and no traceback) for inputs the user can fix,
+    130 when interrupted (a checkpoint was saved).
+    """
+    from .loading import ModelNotAvailableError
+
+    try:
+        result = repair(arguments_from_namespace(namespace))
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, ValueError, ModelNotAvailableError) as error:
+        print(f"sinder repair: error: {error}", file=sys.stderr)
+        return 1
+    state = result.state
+    if state.stop_reason == "interrupted":
+        print(
+            f"Interrupted at step {state.step}; checkpoint saved. Continue with: --resume {result.output_dir}",
+            file=sys.stderr,
+        )
+        return 130
+    if result.report:
+        before, after = result.report["before"], result.report["after"]
+        print(
+            f"Repaired in {state.step} steps ({state.images_seen} images, {state.images_skipped} without defect, "
+            f"{result.report['seconds']:.0f} s; stopped by {state.stop_reason}).\n"
+            f"  max/median token norm, last layer: {before['mean_max_median_norm_ratio_last_layer']:.1f} -> "
+            f"{after['mean_max_median_norm_ratio_last_layer']:.1f}\n"
+            f"  images with a defective layer: {before['images_with_defects']} -> {after['images_with_defects']} "
+            f"(of {len(before['first_defective_layer'])})\n"
+            f"  mean cosine of clean tokens to the original: {result.report['clean_token_cosine']:.3f}\n"
+            f"Outputs in {result.output_dir}: model/ (AutoModel.from_pretrained), adapter/, report.json, figures/"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `examples/repair.py` (run it with `accelerate launch` or plain `python`)."""
+    parser = add_arguments(argparse.ArgumentParser(prog="repair.py", description=__doc__.splitlines()[0]))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(parser.parse_args(argv))

@@ -1,0 +1,650 @@
+"""The SINDER repair loop, driven by Accelerate.
+
+Per batch (METHOD.md §2-4):
+
+1. *Find the defective layer* of every image without autograd: run the blocks in order, and at each layer flag the
+   patch tokens whose |cos| with that layer's defect direction is an outlier; the first layer with at least
+   `skip_less_than` flags is the image's defective layer. The pass stops as soon as every image has one (early
+   exit: the rest of the network is never run). Images without a defective layer are skipped and counted.
+2. *Take the loss with a gradient window*: from the cached input of the earliest window start, run the blocks again
+   with autograd, but only over the `limit_layers` blocks ending at each image's defective layer: an image's hidden
+   state is re-injected, detached, at its own window start, so blocks before its window receive no gradient from
+   it; blocks below every window run without autograd in step 1 only. At its defective layer each image gives the
+   smooth neighbourhood loss (`loss.py`), plus, optionally, a term that keeps its clean tokens where the frozen base
+   model puts them (`preserve_weight`).
+3. *Step*: the gradients of all processes are summed explicitly (one all-reduce of a flat vector on every process,
+   every step, whether or not it had a defective image, so no process can hang), divided by the number of
+   defective images of the step; a NaN or inf loss or gradient skips the step everywhere. SGD with momentum.
+
+Only the shifts `delta` of the SINDER adapter train. Defect directions are computed once, from the base weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from peft import PeftModel, get_peft_model
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm.auto import tqdm
+
+from .architectures import ArchitectureDescription, describe_model, get_blocks, unwrap_backbone
+from .config import SinderConfig
+from .defects import defect_token_mask, direction_cosines, singular_defect_directions
+from .loss import feature_preservation_loss, smooth_neighbourhood_loss
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_STATE_FILE = "trainer_state.json"
+CHECKPOINT_OPTIMIZER_FILE = "optimizer.pt"
+CHECKPOINT_ADAPTER_DIR = "adapter"
+LATEST_CHECKPOINT_FILE = "latest"
+
+
+@dataclass
+class TrainingArguments:
+    """Hyperparameters of the repair loop; defaults are the paper's (METHOD.md §4).
+
+    Attributes:
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        max_steps: stop after this many optimizer steps (batches with at least one defective image).
+        mask_thr: outlier threshold k of the defect-token test (mean + k std of |cos|).
+        kernel: neighbourhood window of the loss, 3 or 5; tokens in the border ring of width kernel // 2 are never
+            flagged.
+        limit_layers: number of blocks, ending at an image's defective layer, that receive its gradient.
+        skip_less_than: a layer is defective for an image when at least this many tokens are flagged.
+        stop_skip_ratio: stop once this share of the last `stop_window` images had no defective layer.
+        stop_window: number of recent images the stop rule looks at (the paper: 1000).
+        temperature: affinity temperature of the neighbourhood weights.
+        preserve_weight: weight of the clean-token preservation term (0 = the paper's loss alone).
+        batch_size: images per process and step.
+        seed: seed of the data order.
+        save_every: write a checkpoint every this many steps (0: only at the end and on interruption).
+        num_workers: data-loading worker processes.
+    """
+
+    lr: float = 0.005
+    momentum: float = 0.9
+    max_steps: int = 30_000
+    mask_thr: float = 4.0
+    kernel: int = 3
+    limit_layers: int = 10
+    skip_less_than: int = 3
+    stop_skip_ratio: float = 0.75
+    stop_window: int = 1000
+    temperature: float = 0.1
+    preserve_weight: float = 0.0
+    batch_size: int = 1
+    seed: int = 0
+    save_every: int = 500
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "lr": self.lr > 0,
+            "momentum": 0 <= self.momentum < 1,
+            "max_steps": self.max_steps >= 1,
+            "mask_thr": self.mask_thr > 0,
+            "kernel": self.kernel in (3, 5),
+            "limit_layers": self.limit_layers >= 1,
+            "skip_less_than": self.skip_less_than >= 1,
+            "stop_skip_ratio": 0 < self.stop_skip_ratio <= 1,
+            "stop_window": self.stop_window >= 1,
+            "temperature": self.temperature > 0,
+            "preserve_weight": self.preserve_weight >= 0,
+            "batch_size": self.batch_size >= 1,
+            "save_every": self.save_every >= 0,
+            "num_workers": self.num_workers >= 0,
+        }
+        invalid = [f"{name}={getattr(self, name)!r}" for name, valid in checks.items() if not valid]
+        if invalid:
+            raise ValueError(f"Invalid training arguments: {', '.join(invalid)}.")
+
+
+@dataclass
+class TrainerState:
+    """Everything that evolves during training and is saved with a checkpoint (besides the shifts and optimizer).
+
+    Attributes:
+        step: optimizer steps taken (NaN-skipped steps included).
+        epoch: passes over the data started.
+        batches_in_epoch: batches of the current epoch already consumed (on every process).
+        images_seen: images processed, over all processes.
+        images_skipped: of those, images without a defective layer.
+        nan_steps: steps skipped because the loss or a gradient was NaN or inf.
+        recent: (images, skipped) per batch over the last `stop_window` images, for the stop rule.
+        defective_layers: how often each layer was an image's defective layer.
+        last_loss: the mean loss of the last step with a defective image.
+        seconds: training time so far.
+        stop_reason: why training ended ("max_steps", "skip_ratio", "data", "interrupted"), or None.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    images_seen: int = 0
+    images_skipped: int = 0
+    nan_steps: int = 0
+    recent: list[tuple[int, int]] = field(default_factory=list)
+    defective_layers: dict[str, int] = field(default_factory=dict)
+    last_loss: float | None = None
+    seconds: float = 0.0
+    stop_reason: str | None = None
+
+    def recent_skip_ratio(self) -> tuple[float, int]:
+        """Return the share of skipped images over the recent window and the number of images in it."""
+        images = sum(count for count, _ in self.recent)
+        skipped = sum(skipped for _, skipped in self.recent)
+        return (skipped / images if images else 0.0), images
+
+
+@dataclass
+class StepOutput:
+    """What one training step did on this process.
+
+    Attributes:
+        loss_sum: sum over this process's defective images of their loss (a graph-connected tensor), or None.
+        num_defective: images of the batch with a defective layer.
+        defective_layers: the defective layer of each image (−1 for none), in batch order.
+    """
+
+    loss_sum: torch.Tensor | None
+    num_defective: int
+    defective_layers: list[int]
+
+
+def select_layers_to_transform(first_defective_layers: Sequence[int], num_layers: int, limit_layers: int) -> list[int]:
+    """Return the blocks worth adapting: from the earliest gradient window start to the last block.
+
+    A block below `min(first defective layer) − limit_layers + 1` can never receive a gradient at the start of
+    training, and the first defective layer only moves deeper as earlier defects are repaired, so those blocks are
+    left unadapted (no SVD, no memory, no time). Blocks after the deepest layer seen are kept, since defects may
+    surface there once earlier ones are gone. With no defective layer found, every block is adapted.
+    """
+    found = [layer for layer in first_defective_layers if layer >= 0]
+    if not found:
+        return list(range(num_layers))
+    start = max(0, min(found) - limit_layers + 1)
+    return list(range(start, num_layers))
+
+
+class SinderTrainer:
+    """Trains the shifts of a SINDER-adapted DINOv2 (`PeftModel`) to remove its singular defects.
+
+    Args:
+        model: the `PeftModel` to train (SINDER adapter, DINOv2 base).
+        directions: one defect direction per layer, from the *base* weights.
+        args: the hyperparameters.
+        accelerator: the `Accelerator` of this process (device, process count, trackers).
+        checkpoint_dir: where checkpoints go (`<output_dir>/checkpoints`).
+        callbacks: functions called with the `TrainerState` after every step (on every process).
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        directions: Sequence[torch.Tensor],
+        args: TrainingArguments,
+        accelerator: Accelerator,
+        checkpoint_dir: Path,
+        callbacks: Sequence[Callable[[TrainerState], None]] = (),
+    ) -> None:
+        self.model = model
+        self.args = args
+        self.accelerator = accelerator
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.callbacks = list(callbacks)
+        self.backbone = unwrap_backbone(model)
+        self.description: ArchitectureDescription = describe_model(model)
+        self.blocks = get_blocks(self.backbone)
+        self.directions = torch.stack([direction.float() for direction in directions]).to(accelerator.device)
+        self.parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        if not self.parameters:
+            raise ValueError("The model has no trainable SINDER shift; wrap it with get_peft_model(SinderConfig()).")
+        self.optimizer = torch.optim.SGD(self.parameters, lr=args.lr, momentum=args.momentum)
+        self.state = TrainerState()
+        self._interrupted = False
+
+    # ------------------------------------------------------------------------------------------------------------
+    # One step
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _patch_grid(self, hidden: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Return the patch tokens of block outputs `hidden` [B, T, C] as a grid [B, H, W, C] in float32."""
+        patches = hidden[:, self.description.num_prefix_tokens :]
+        return patches.float().reshape(hidden.shape[0], height, width, -1)
+
+    def compute_loss(self, pixel_values: torch.Tensor) -> StepOutput:
+        """Run steps 1 and 2 of the module docstring on one batch and return the summed loss of its images."""
+        args = self.args
+        batch = pixel_values.shape[0]
+        patch = self.description.patch_size
+        height, width = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+        border = args.kernel // 2
+
+        layers = [-1] * batch
+        masks: dict[int, torch.Tensor] = {}
+        cosines: dict[int, torch.Tensor] = {}
+        block_inputs: list[torch.Tensor | None] = []
+        with torch.no_grad():
+            hidden = self.backbone.embeddings(pixel_values)
+            for index, block in enumerate(self.blocks):
+                block_inputs.append(hidden)
+                if index >= args.limit_layers:
+                    block_inputs[index - args.limit_layers] = None
+                hidden = block(hidden)
+                layer_cosines = direction_cosines(self._patch_grid(hidden, height, width), self.directions[index])
+                layer_masks = defect_token_mask(layer_cosines, args.mask_thr, border)
+                counts = layer_masks.flatten(1).sum(dim=1).tolist()
+                for image, count in enumerate(counts):
+                    if layers[image] < 0 and count >= args.skip_less_than:
+                        layers[image], masks[image], cosines[image] = index, layer_masks[image], layer_cosines[image]
+                if all(layer >= 0 for layer in layers):
+                    break
+
+        defective = [image for image in range(batch) if layers[image] >= 0]
+        if not defective:
+            return StepOutput(loss_sum=None, num_defective=0, defective_layers=layers)
+
+        starts = {image: max(0, layers[image] - args.limit_layers + 1) for image in defective}
+        first, last = min(starts.values()), max(layers[image] for image in defective)
+        references = self._reference_tokens(pixel_values, defective, layers, height, width)
+        active = list(defective)
+        losses: list[torch.Tensor] = []
+        hidden = block_inputs[first][active]
+        for index in range(first, last + 1):
+            restart = torch.tensor([starts[image] == index for image in active], device=hidden.device)
+            if restart.any():
+                hidden = torch.where(restart[:, None, None], block_inputs[index][active], hidden)
+            hidden = self.blocks[index](hidden)
+            finished = [position for position, image in enumerate(active) if layers[image] == index]
+            if finished:
+                tokens = self._patch_grid(hidden[finished], height, width)
+                images = [active[position] for position in finished]
+                losses.append(self._image_losses(tokens, images, masks, cosines, references).sum())
+                keep = [position for position, image in enumerate(active) if layers[image] != index]
+                active = [active[position] for position in keep]
+                hidden = hidden[keep]
+        return StepOutput(loss_sum=torch.stack(losses).sum(), num_defective=len(defective), defective_layers=layers)
+
+    def _image_losses(
+        self,
+        tokens: torch.Tensor,
+        images: list[int],
+        masks: dict[int, torch.Tensor],
+        cosines: dict[int, torch.Tensor],
+        references: dict[int, torch.Tensor],
+    ) -> torch.Tensor:
+        """Return the loss of each image in `images` (tokens [n, H, W, C] at their defective layer), shape [n]."""
+        mask = torch.stack([masks[image] for image in images])
+        cosine = torch.stack([cosines[image] for image in images])
+        losses = smooth_neighbourhood_loss(
+            tokens, cosine, mask, self.args.kernel, self.args.temperature, reduction="none"
+        )
+        if self.args.preserve_weight > 0:
+            reference = torch.stack([references[image] for image in images])
+            keep = ~_dilate(mask, self.args.kernel)
+            preservation = feature_preservation_loss(tokens, reference, keep, reduction="none")
+            losses = losses + self.args.preserve_weight * preservation
+        return losses
+
+    def _reference_tokens(
+        self, pixel_values: torch.Tensor, defective: list[int], layers: list[int], height: int, width: int
+    ) -> dict[int, torch.Tensor]:
+        """Return, when the preservation term is on, each defective image's tokens at its defective layer as the
+        frozen base model computes them (adapter disabled, no gradient); an empty dict otherwise."""
+        if self.args.preserve_weight <= 0:
+            return {}
+        references: dict[int, torch.Tensor] = {}
+        last = max(layers[image] for image in defective)
+        with torch.no_grad(), self.model.disable_adapter():
+            hidden = self.backbone.embeddings(pixel_values[defective])
+            for index in range(last + 1):
+                hidden = self.blocks[index](hidden)
+                for position, image in enumerate(defective):
+                    if layers[image] == index:
+                        references[image] = self._patch_grid(hidden[position : position + 1], height, width)[0]
+        return references
+
+    def _all_reduce(self, counters: torch.Tensor) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+        """Sum the gradients and `counters` over all processes, in one collective call made on every step.
+
+        Every process calls this on every step, with or without a defective image, so collective calls always
+        match and no process waits for one that has nothing to contribute.
+
+        Returns:
+            Per trainable parameter, its summed gradient, or None when no process computed one (a block outside
+            every gradient window: like the original single-process code, its momentum is then not applied); and
+            the summed counters.
+        """
+        device = counters.device
+        pieces, received = [], []
+        for parameter in self.parameters:
+            gradient = parameter.grad
+            received.append(float(gradient is not None))
+            pieces.append(
+                gradient.detach().flatten().float()
+                if gradient is not None
+                else torch.zeros(parameter.numel(), device=device)
+            )
+        payload = torch.cat([*pieces, torch.tensor(received, device=device), counters.float()])
+        payload = self.accelerator.reduce(payload, reduction="sum")
+        sizes = [parameter.numel() for parameter in self.parameters]
+        *gradients, got, summed_counters = torch.split(payload, [*sizes, len(sizes), counters.numel()])
+        return [
+            gradient.view_as(parameter) if flag > 0 else None
+            for gradient, parameter, flag in zip(gradients, self.parameters, got.tolist(), strict=True)
+        ], summed_counters
+
+    def training_step(self, pixel_values: torch.Tensor | None) -> dict[str, float]:
+        """Run one synchronized step on this process's batch (`None`: this process has no image this step).
+
+        Returns the step's numbers over all processes: images, skipped images, defective images, the mean loss
+        (NaN when there was no defective image or the step was skipped) and whether the step was skipped for a
+        non-finite loss or gradient.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        device = self.accelerator.device
+        output = StepOutput(loss_sum=None, num_defective=0, defective_layers=[])
+        if pixel_values is not None:
+            output = self.compute_loss(pixel_values.to(device=device, dtype=next(self.backbone.parameters()).dtype))
+        loss_value = 0.0
+        if output.loss_sum is not None:
+            loss_value = float(output.loss_sum.detach())
+            if math.isfinite(loss_value):
+                output.loss_sum.backward()
+        finite_loss = math.isfinite(loss_value)
+        layer_counts = torch.zeros(self.description.num_layers)
+        for layer in output.defective_layers:
+            if layer >= 0:
+                layer_counts[layer] += 1
+        counters = torch.cat(
+            [
+                torch.tensor(
+                    [
+                        len(output.defective_layers),
+                        output.num_defective,
+                        loss_value if finite_loss else 0.0,
+                        float(not finite_loss),
+                        float(self._interrupted),
+                    ]
+                ),
+                layer_counts,
+            ]
+        ).to(device)
+        gradients, summed = self._all_reduce(counters)
+        images, defective, loss_sum, nonfinite, interrupted = summed[:5].tolist()
+        self._interrupted = self._interrupted or interrupted > 0
+        for layer, count in enumerate(summed[5:].tolist()):
+            if count > 0:
+                key = str(layer)
+                self.state.defective_layers[key] = self.state.defective_layers.get(key, 0) + int(count)
+
+        skipped_step = False
+        if defective > 0:
+            self.state.step += 1
+            finite_gradients = all(gradient is None or torch.isfinite(gradient).all() for gradient in gradients)
+            if nonfinite > 0 or not finite_gradients:
+                skipped_step = True
+                self.state.nan_steps += 1
+                logger.warning("Step %d: non-finite loss or gradient; the step is skipped.", self.state.step)
+            else:
+                for parameter, gradient in zip(self.parameters, gradients, strict=True):
+                    parameter.grad = None if gradient is None else (gradient / defective).to(parameter.dtype)
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        mean_loss = loss_sum / defective if defective > 0 and not skipped_step else float("nan")
+        if not math.isnan(mean_loss):
+            self.state.last_loss = mean_loss
+        return {
+            "images": images,
+            "skipped": images - defective,
+            "defective": defective,
+            "loss": mean_loss,
+            "nonfinite": float(skipped_step),
+        }
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _process_indices(self, length: int, epoch: int) -> list[int]:
+        """Return this process's dataset indices for `epoch`: a seeded permutation, padded by wrapping around so
+        every process gets the same number (and so the same number of steps), then split round-robin."""
+        generator = torch.Generator().manual_seed(self.args.seed + epoch)
+        order = torch.randperm(length, generator=generator).tolist()
+        world = self.accelerator.num_processes
+        padded = math.ceil(length / world) * world
+        order = [order[position % length] for position in range(padded)]
+        return order[self.accelerator.process_index :: world]
+
+    def _epoch_batches(self, dataset: Dataset | IterableDataset, skip_batches: int) -> Iterator[torch.Tensor | None]:
+        """Yield this process's batches of one epoch as pixel tensors (`None` for a batch of unreadable images),
+        after skipping the first `skip_batches` (resuming mid-epoch)."""
+        from .data import collate_images
+
+        batch_size = self.args.batch_size
+        if isinstance(dataset, IterableDataset):
+            world, rank = self.accelerator.num_processes, self.accelerator.process_index
+            items = (item for position, item in enumerate(dataset) if position % world == rank)
+            batch: list[Any] = []
+            skipped = 0
+            for item in items:
+                batch.append(item)
+                if len(batch) == batch_size:
+                    if skipped < skip_batches:
+                        skipped += 1
+                    else:
+                        collated = collate_images(batch)
+                        yield None if collated is None else collated["pixel_values"]
+                    batch = []
+            if batch and skipped >= skip_batches:
+                collated = collate_images(batch)
+                yield None if collated is None else collated["pixel_values"]
+            return
+        indices = self._process_indices(len(dataset), self.state.epoch)[skip_batches * batch_size :]
+        loader = DataLoader(
+            torch.utils.data.Subset(dataset, indices),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=self.args.num_workers,
+            collate_fn=collate_images,
+        )
+        for collated in loader:
+            yield None if collated is None else collated["pixel_values"]
+
+    def _any_process_exhausted(self, exhausted: bool) -> bool:
+        """Whether some process has run out of batches this epoch (all processes then end the epoch together)."""
+        flag = torch.tensor([float(exhausted)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def _record(self, result: dict[str, float]) -> None:
+        """Add a step's image counts to the totals and to the recent window of the stop rule."""
+        images, skipped = int(result["images"]), int(result["skipped"])
+        self.state.images_seen += images
+        self.state.images_skipped += skipped
+        self.state.batches_in_epoch += 1
+        self.state.recent.append((images, skipped))
+        while self.state.recent and sum(count for count, _ in self.state.recent[1:]) >= self.args.stop_window:
+            self.state.recent.pop(0)
+
+    def _stop_reason(self) -> str | None:
+        """Return why training must stop now, or None to go on."""
+        if self._interrupted:
+            return "interrupted"
+        if self.state.step >= self.args.max_steps:
+            return "max_steps"
+        ratio, images = self.state.recent_skip_ratio()
+        if images >= self.args.stop_window and ratio >= self.args.stop_skip_ratio:
+            return "skip_ratio"
+        return None
+
+    def _handle_signal(self, signum: int, frame: Any) -> None:
+        """First SIGINT/SIGTERM: finish the current step, save a checkpoint and stop. A second SIGINT aborts."""
+        if self._interrupted and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logger.warning("Received %s: saving a checkpoint after this step.", signal.Signals(signum).name)
+        self._interrupted = True
+
+    def train(self, dataset: Dataset | IterableDataset) -> TrainerState:
+        """Train until `max_steps`, the skip-ratio stop rule, or an interruption, and return the final state.
+
+        A checkpoint is written every `save_every` steps, on SIGINT/SIGTERM, and at the end. Training resumes from
+        `self.state` (see `load_checkpoint`), including the position in the current epoch.
+        """
+        previous_handlers = {sig: signal.signal(sig, self._handle_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        progress = tqdm(
+            total=self.args.max_steps,
+            initial=self.state.step,
+            desc="SINDER repair",
+            unit="step",
+            disable=not self.accelerator.is_main_process,
+        )
+        started = time.perf_counter() - self.state.seconds
+        last_saved = self.state.step
+        try:
+            while self.state.stop_reason is None:
+                images_before = self.state.images_seen
+                batches = self._epoch_batches(dataset, self.state.batches_in_epoch)
+                while self.state.stop_reason is None:
+                    pixel_values = next(batches, _EXHAUSTED)
+                    if self._any_process_exhausted(pixel_values is _EXHAUSTED):
+                        break
+                    result = self.training_step(pixel_values)
+                    self._record(result)
+                    self.state.seconds = time.perf_counter() - started
+                    self._report(progress, result)
+                    for callback in self.callbacks:
+                        callback(self.state)
+                    self.state.stop_reason = self._stop_reason()
+                    if self.args.save_every and self.state.step - last_saved >= self.args.save_every:
+                        self.save_checkpoint()
+                        last_saved = self.state.step
+                if self.state.stop_reason is None:
+                    if self.state.images_seen == images_before:
+                        self.state.stop_reason = "data"
+                        logger.warning("A whole pass over the data gave no usable image; stopping.")
+                    self.state.epoch += 1
+                    self.state.batches_in_epoch = 0
+        finally:
+            progress.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+        self.save_checkpoint()
+        return self.state
+
+    def _report(self, progress: tqdm, result: dict[str, float]) -> None:
+        """Update the progress bar (main process) and the Accelerate trackers with one step's numbers."""
+        ratio, _ = self.state.recent_skip_ratio()
+        if result["defective"] > 0:
+            progress.update(self.state.step - progress.n)
+        layers = self.state.defective_layers
+        latest_layer = max(layers, key=lambda key: layers[key]) if layers else "-"
+        progress.set_postfix(
+            loss=f"{self.state.last_loss:.4f}" if self.state.last_loss is not None else "-",
+            layer=latest_layer,
+            skip=f"{ratio:.2f}",
+            images=self.state.images_seen,
+        )
+        if result["defective"] > 0 and not math.isnan(result["loss"]):
+            self.accelerator.log(
+                {"loss": result["loss"], "skip_ratio": ratio, "images_seen": self.state.images_seen},
+                step=self.state.step,
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write `checkpoints/step-NNNNNNN/` (adapter, optimizer, trainer state) and point `checkpoints/latest` at it.
+
+        The directory is written under a temporary name and renamed, then `latest` is replaced atomically, so an
+        interruption while saving never leaves a half-written checkpoint behind. Older checkpoints are removed.
+        Returns the checkpoint directory (on every process).
+        """
+        target = self.checkpoint_dir / f"step-{self.state.step:07d}"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            temporary = self.checkpoint_dir / f".tmp-{target.name}"
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir()
+            self.accelerator.unwrap_model(self.model).save_pretrained(temporary / CHECKPOINT_ADAPTER_DIR)
+            torch.save(self.optimizer.state_dict(), temporary / CHECKPOINT_OPTIMIZER_FILE)
+            (temporary / CHECKPOINT_STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(temporary, target)
+            pointer = self.checkpoint_dir / f".{LATEST_CHECKPOINT_FILE}.tmp"
+            pointer.write_text(target.name)
+            os.replace(pointer, self.checkpoint_dir / LATEST_CHECKPOINT_FILE)
+            for old in self.checkpoint_dir.glob("step-*"):
+                if old != target:
+                    shutil.rmtree(old, ignore_errors=True)
+            logger.info("Saved checkpoint %s.", target)
+        self.accelerator.wait_for_everyone()
+        return target
+
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        """Restore the optimizer and trainer state from a checkpoint directory (the shifts are loaded with the
+        adapter, see `resolve_checkpoint` and `PeftModel.from_pretrained(..., is_trainable=True)`)."""
+        data = json.loads((checkpoint / CHECKPOINT_STATE_FILE).read_text())
+        data["recent"] = [tuple(entry) for entry in data["recent"]]
+        self.state = TrainerState(**data)
+        self.state.stop_reason = None
+        optimizer_state = torch.load(checkpoint / CHECKPOINT_OPTIMIZER_FILE, map_location=self.accelerator.device)
+        self.optimizer.load_state_dict(optimizer_state)
+
+
+_EXHAUSTED = object()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Return the checkpoint directory `--resume` points at: a checkpoint itself, a `checkpoints/` folder or a run's
+    output directory (both resolved through their `latest` file).
+
+    Raises:
+        FileNotFoundError: when no checkpoint is found there.
+    """
+    path = Path(path).expanduser()
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / CHECKPOINT_STATE_FILE).is_file():
+            return candidate
+        pointer = candidate / LATEST_CHECKPOINT_FILE
+        if pointer.is_file():
+            checkpoint = candidate / pointer.read_text().strip()
+            if (checkpoint / CHECKPOINT_STATE_FILE).is_file():
+                return checkpoint
+    raise FileNotFoundError(f"No SINDER checkpoint found at {str(path)!r} (looked for {CHECKPOINT_STATE_FILE}).")
+
+
+def _dilate(mask: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Return `mask` [B, H, W] grown by a `kernel`×`kernel` box: the defect tokens and their loss neighbourhoods."""
+    grown = nn.functional.max_pool2d(mask[:, None].float(), kernel, stride=1, padding=kernel // 2)
+    return grown[:, 0] > 0
+
+
+def build_sinder_model(base_model: nn.Module, layers_to_transform: Sequence[int]) -> PeftModel:
+    """Wrap `base_model` in a trainable SINDER adapter on the given blocks (default targets of its architecture)."""
+    return get_peft_model(base_model, SinderConfig(layers_to_transform=list(layers_to_transform)))
+
+
+def compute_directions(model: nn.Module) -> list[torch.Tensor]:
+    """Return the defect directions of `model`'s base weights (adapter disabled when it has one)."""
+    if isinstance(model, PeftModel):
+        with model.disable_adapter():
+            return singular_defect_directions(model)
+    return singular_defect_directions(model)

@@ -1,0 +1,332 @@
+"""The repair trainer: end to end on the planted-defect model, gradient window, batches, NaN, resume, processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import REPO_ROOT, run_python
+from PIL import Image
+from safetensors.torch import load_file
+
+from sinder_peft.data import build_dataset, collate_images
+from sinder_peft.demo import build_demo_model, build_planted_defect_model, demo_image_paths
+from sinder_peft.loss import smooth_neighbourhood_loss
+from sinder_peft.repair import RepairArguments, repair
+from sinder_peft.trainer import (
+    SinderTrainer,
+    TrainingArguments,
+    build_sinder_model,
+    compute_directions,
+    select_layers_to_transform,
+)
+
+
+def demo_batch(count: int = 3) -> torch.Tensor:
+    dataset = build_dataset(None, 224, 14)
+    return collate_images([dataset[index] for index in range(count)])["pixel_values"]
+
+
+def make_trainer(tmp_path: Path, layers: list[int], **overrides: object) -> SinderTrainer:
+    base = build_demo_model()
+    directions = compute_directions(base)
+    model = build_sinder_model(base, layers)
+    arguments = TrainingArguments(save_every=0, **overrides)
+    return SinderTrainer(model, directions, arguments, Accelerator(cpu=True), tmp_path / "checkpoints")
+
+
+def deltas(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(path / "adapter_model.safetensors").items() if k.endswith("sinder_delta")}
+
+
+def test_select_layers_to_transform() -> None:
+    assert select_layers_to_transform([12, 15, -1], 24, 10) == list(range(3, 24))
+    assert select_layers_to_transform([2], 6, 10) == list(range(6))
+    assert select_layers_to_transform([-1, -1], 4, 10) == [0, 1, 2, 3]
+
+
+def test_end_to_end_demo_repair(tmp_path: Path) -> None:
+    result = repair(RepairArguments(output_dir=str(tmp_path / "run")))
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report == json.loads(json.dumps(result.report))
+    assert report["before"]["mean_max_median_norm_ratio_last_layer"] >= 40
+    assert min(report["before"]["max_median_norm_ratio_last_layer"]) >= 40
+    assert max(report["after"]["max_median_norm_ratio_last_layer"]) <= 5
+    assert report["after"]["images_with_defects"] == 0
+    assert report["clean_token_cosine"] >= 0.95
+    assert report["stop_reason"] == "skip_ratio"
+    run = tmp_path / "run"
+    assert (run / "model" / "README.md").read_text().count("SINDER") >= 1
+    assert len(list((run / "figures").glob("before_after_*.png"))) == 4
+    assert not list(run.glob(".tmp-*"))
+
+    # the merged model loads without sinder_peft and is repaired: an independent check of the report's numbers
+    pixel_values = demo_batch(4)
+    torch.save(pixel_values, tmp_path / "pixels.pt")
+    output = run_python(
+        f"""
+import sys, torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained({str(run / "model")!r}).eval()
+assert "sinder_peft" not in sys.modules
+hidden = model.embeddings(torch.load({str(tmp_path / "pixels.pt")!r}))
+with torch.no_grad():
+    for block in model.encoder.layer:
+        hidden = block(hidden)
+norms = hidden[:, 1:].norm(dim=-1)
+print((norms.max(dim=1).values / norms.median(dim=1).values).tolist())
+""",
+        cwd=REPO_ROOT,
+    )
+    ratios = json.loads(output.stdout.strip().splitlines()[-1])
+    assert ratios == pytest.approx(report["after"]["max_median_norm_ratio_last_layer"], rel=1e-4)
+
+
+def test_loss_matches_independent_computation_and_gradient_window(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, layers=[0, 1, 2, 3, 4, 5], limit_layers=2)
+    pixel_values = demo_batch(2)
+    output = trainer.compute_loss(pixel_values)
+    assert output.defective_layers == [2, 2]
+
+    # independent: run the bare blocks, flag tokens, take the loss from loss.py per image
+    backbone = trainer.backbone
+    with torch.no_grad():
+        hidden = backbone.embeddings(pixel_values)
+        for block in backbone.encoder.layer[:3]:
+            hidden = block(hidden)
+    tokens = hidden[:, 1:].reshape(2, 16, 16, -1)
+    direction = trainer.directions[2]
+    cosines = (torch.nn.functional.normalize(tokens, dim=-1) @ direction).abs()
+    flat = cosines.flatten(1)
+    mask = cosines > (flat.mean(1) + 4 * flat.std(1))[:, None, None]
+    mask[:, 0, :] = mask[:, -1, :] = mask[:, :, 0] = mask[:, :, -1] = False
+    expected = sum(smooth_neighbourhood_loss(tokens[i : i + 1], cosines[i : i + 1], mask[i : i + 1]) for i in range(2))
+    assert float(output.loss_sum.detach()) == pytest.approx(float(expected), rel=1e-5)
+
+    output.loss_sum.backward()
+    for name, parameter in trainer.model.named_parameters():
+        if ".sinder_delta." not in name:
+            continue
+        layer = int(name.split(".layer.")[1].split(".")[0])
+        if layer in (1, 2):
+            assert parameter.grad is not None, name
+        else:
+            assert parameter.grad is None, name
+
+
+def test_batch_equals_sum_of_single_images(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, layers=[0, 1, 2, 3, 4, 5])
+    pixel_values = demo_batch(3)
+    batch_output = trainer.compute_loss(pixel_values)
+    batch_output.loss_sum.backward()
+    batch_gradients = [None if p.grad is None else p.grad.clone() for p in trainer.parameters]
+    assert sum(gradient is not None for gradient in batch_gradients) == 4 * 3  # layers 0-2, 4 projections each
+    trainer.optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for index in range(3):
+        single = trainer.compute_loss(pixel_values[index : index + 1])
+        single.loss_sum.backward()
+        total += float(single.loss_sum.detach())
+    assert float(batch_output.loss_sum.detach()) == pytest.approx(total, rel=1e-5)
+    for batch_gradient, parameter in zip(batch_gradients, trainer.parameters, strict=True):
+        if batch_gradient is None:
+            assert parameter.grad is None
+        else:
+            assert torch.allclose(batch_gradient, parameter.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_batch_size_three_repairs(tmp_path: Path) -> None:
+    result = repair(
+        RepairArguments(output_dir=str(tmp_path / "run"), training=TrainingArguments(batch_size=3, stop_window=6))
+    )
+    assert result.report["after"]["images_with_defects"] == 0
+    assert max(result.report["after"]["max_median_norm_ratio_last_layer"]) <= 5
+
+
+def test_non_finite_loss_skips_the_step(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, layers=[0, 1, 2, 3, 4, 5])
+    before = [p.detach().clone() for p in trainer.parameters]
+    calls = {"count": 0}
+
+    def poison(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        calls["count"] += 1
+        return output * float("nan") if torch.is_grad_enabled() else None
+
+    handle = trainer.blocks[2].register_forward_hook(poison)
+    result = trainer.training_step(demo_batch(1))
+    handle.remove()
+    assert calls["count"] >= 2 and result["nonfinite"] == 1.0
+    assert trainer.state.nan_steps == 1 and trainer.state.step == 1
+    for old, parameter in zip(before, trainer.parameters, strict=True):
+        assert torch.equal(old, parameter) and torch.isfinite(parameter).all()
+    result = trainer.training_step(demo_batch(1))
+    assert result["nonfinite"] == 0.0 and any(
+        not torch.equal(old, p) for old, p in zip(before, trainer.parameters, strict=True)
+    )
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path: Path) -> None:
+    training = TrainingArguments(lr=0.0005, max_steps=8, stop_window=1000, save_every=3)
+    repair(RepairArguments(output_dir=str(tmp_path / "straight"), training=training))
+
+    def interrupt(state: object) -> None:
+        if state.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    interrupted = repair(
+        RepairArguments(output_dir=str(tmp_path / "split"), training=training), callbacks=(interrupt,)
+    )
+    assert interrupted.state.stop_reason == "interrupted" and interrupted.state.step == 5
+    assert not (tmp_path / "split" / "model").exists()
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text() == "step-0000005"
+    resumed = repair(
+        RepairArguments(output_dir=str(tmp_path / "split"), resume=str(tmp_path / "split"), training=training)
+    )
+    assert resumed.state.step == 8 and resumed.state.images_seen == 8
+    straight, split = deltas(tmp_path / "straight" / "adapter"), deltas(tmp_path / "split" / "adapter")
+    assert straight.keys() == split.keys()
+    assert any(value.abs().max() > 0 for value in straight.values())
+    for key in straight:
+        assert torch.equal(straight[key], split[key]), key
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty folder", "holds no image"),
+        ("corrupt image", "None of the 1 files given is a readable image"),
+        ("wrong model", "model_type='vit'"),
+        ("too small", "at least 3×3 patches"),
+        ("missing model", "does not exist"),
+    ],
+)
+def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path: Path, case: str, message: str) -> None:
+    data = tmp_path / "images"
+    data.mkdir()
+    model = "demo"
+    resolution = "224"
+    if case == "corrupt image":
+        (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    elif case != "empty folder":
+        shutil.copy(demo_image_paths()[0], data / "a.png")
+    if case == "wrong model":
+        from transformers import ViTConfig, ViTModel
+
+        ViTModel(
+            ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        ).save_pretrained(tmp_path / "vit")
+        model = str(tmp_path / "vit")
+    if case == "too small":
+        resolution = "28"
+    if case == "missing model":
+        model = str(tmp_path / "no-such-model")
+    output_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "examples/repair.py",
+            "--model",
+            model,
+            "--data",
+            str(data),
+            "--resolution",
+            resolution,
+            "--output-dir",
+            str(output_dir),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not output_dir.exists()
+
+
+def test_two_processes_with_an_image_free_of_defects(tmp_path: Path) -> None:
+    """Two processes (gloo on CPU); one image has no defect, so some steps have one process without a defective
+    image: the run must neither hang nor diverge between processes."""
+    data = tmp_path / "images"
+    data.mkdir()
+    shutil.copy(demo_image_paths()[0], data / "spots.png")
+    Image.new("RGB", (224, 224), (60, 90, 120)).save(data / "plain.png")
+    output_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "examples/repair.py",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(output_dir),
+        "--lr",
+        "0.0005",
+        "--max-steps",
+        "4",
+        "--stop-window",
+        "1000",
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((output_dir / "report.json").read_text())
+    assert report["steps"] == 4
+    # 2 images per step (one per process), one of them without defect: half the images are skipped
+    assert report["images_seen"] == 8 and report["images_skipped"] == 4
+
+
+def test_resume_of_missing_checkpoint_fails(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="No SINDER checkpoint"):
+        repair(RepairArguments(output_dir=str(tmp_path / "run"), resume=str(tmp_path / "nothing")))
+
+
+def test_swiglu_planted_model_repairs(tmp_path: Path) -> None:
+    planted = build_planted_defect_model(swiglu=True)
+    planted.model.save_pretrained(tmp_path / "swiglu")
+    result = repair(RepairArguments(model=str(tmp_path / "swiglu"), output_dir=str(tmp_path / "run"), resolution=224))
+    assert min(result.report["before"]["max_median_norm_ratio_last_layer"]) >= 40
+    assert result.report["after"]["images_with_defects"] == 0
+
+
+def test_push_to_hub_uploads_model_card_and_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from fake_hub import FakeHub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    token, repo_id = "hf_test_token_for_repair", "someone/dinov2-demo-repaired"
+    with FakeHub(token=token, max_requests=64) as hub:
+        result = repair(
+            RepairArguments(
+                output_dir=str(tmp_path / "run"),
+                push_to_hub=repo_id,
+                push_adapter=True,
+                hub_token=token,
+                hub_endpoint=hub.endpoint,
+            )
+        )
+        received = hub.state.files[repo_id]
+    run = tmp_path / "run"
+    expected = {path.name: path.read_bytes() for path in (run / "model").iterdir()}
+    expected.update({f"adapter/{path.name}": path.read_bytes() for path in (run / "adapter").iterdir()})
+    assert received == expected
+    assert "README.md" in received and "adapter/adapter_model.safetensors" in received
+    assert result.report["pushed_to"].startswith(hub.endpoint)
+    assert repo_id in (run / "model" / "README.md").read_text()

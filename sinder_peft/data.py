@@ -449,7 +449,7 @@ def build_dataset(
     - `None`: the bundled demo images (`sinder_peft.demo.demo_image_paths()`).
     - a directory written by `datasets`' `save_to_disk`: an `HFImageDataset` (or `HFImageIterableDataset` when
       `streaming`) over it.
-    - any other directory that holds images: an `ImageFolderDataset`.
+    - any other directory that holds images, or is empty: an `ImageFolderDataset` (an empty one raises).
     - anything else (a Hub dataset name, a local dataset of parquet/csv/… files): `datasets.load_dataset`.
 
     Returns:
@@ -464,7 +464,7 @@ def build_dataset(
     path = Path(data).expanduser()
     if not path.exists() and not looks_like_hub_id(str(data)):
         raise FileNotFoundError(f"{str(data)!r} does not exist and is not a 🤗 datasets name.")
-    if path.is_dir() and not _is_saved_dataset(path) and _holds_images(path):
+    if path.is_dir() and not _is_saved_dataset(path) and (_holds_images(path) or not any(path.iterdir())):
         return ImageFolderDataset(path, resolution, patch_size, normalization, square=square)
     hf_kwargs: dict[str, Any] = {"split": split, "image_column": image_column, "square": square}
     if streaming:

@@ -121,7 +121,10 @@ def _first_images(dataset: Dataset | IterableDataset, count: int) -> tuple[torch
             break
     batch = collate_images(items)
     if batch is None:
-        raise ValueError("The data holds no readable image.")
+        raise ValueError(
+            "The data holds no usable image: every image was unreadable or, at this resolution, smaller than 3×3 "
+            "patches (see the warnings above)."
+        )
     return batch["pixel_values"], batch["paths"]
 
 
@@ -392,9 +395,10 @@ def _export(
     _write_directory(output_dir / "figures", write_figures)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     if args.push_to_hub:
-        report["pushed_to"] = push_folder_to_hub(output_dir / "model", args.push_to_hub, token=args.hub_token)
+        hub = {"token": args.hub_token, "endpoint": args.hub_endpoint}
+        report["pushed_to"] = push_folder_to_hub(output_dir / "model", args.push_to_hub, **hub)
         if args.push_adapter:
-            push_folder_to_hub(output_dir / "adapter", args.push_to_hub, token=args.hub_token, path_in_repo="adapter")
+            push_folder_to_hub(output_dir / "adapter", args.push_to_hub, path_in_repo="adapter", **hub)
         (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
 

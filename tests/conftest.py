@@ -13,6 +13,11 @@ from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, D
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# One intra-op thread: on small CI machines, tests that start subprocesses (fresh-process reloads, two-process
+# training) otherwise oversubscribe the cores, and OpenMP spin-waiting makes small matmuls and SVDs 30-100x slower.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def tiny_dinov2(kind: str = "gelu", seed: int = 0, num_layers: int = 3) -> torch.nn.Module:
     """Return a tiny random DINOv2 in eval mode: `kind` is "gelu", "swiglu" or "registers".

@@ -204,7 +204,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path: Path) -> No
         ("empty folder", "holds no image"),
         ("corrupt image", "None of the 1 files given is a readable image"),
         ("wrong model", "model_type='vit'"),
-        ("too small", "at least 3×3 patches"),
+        ("too small", "smaller than 3×3 patches"),
         ("missing model", "does not exist"),
     ],
 )

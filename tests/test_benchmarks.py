@@ -1,0 +1,166 @@
+"""The benchmark scripts run in `--quick` mode, write valid JSON with the expected content, and their built-in
+exactness checks hold: the forward forms agree with float64, our training step's losses equal the original-style
+step's on the same input, and the saved adapter's bytes equal the size formula."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+BENCHMARKS = REPO_ROOT / "benchmarks"
+
+
+def load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Import `benchmarks/<name>.py` as a module, with `benchmarks/` on `sys.path` as when run as a script."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    if name in sys.modules:
+        return sys.modules[name]
+    return importlib.import_module(name)
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads() -> Iterator[None]:
+    """The quick runs use `--threads 1` (steady on a busy machine); give the other tests their threads back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_json(path: Path) -> dict:
+    """Reload a written result (checks it is valid JSON)."""
+    return json.loads(path.read_text())
+
+
+def test_forward_forms_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_benchmark("bench_forward_forms", monkeypatch)
+    output = tmp_path / "forms.json"
+    module.main(["--quick", "--threads", "1", "--output", str(output)])
+    result = read_json(output)
+    assert result["benchmark"] == "forward_forms"
+    assert {"machine", "args", "single_layer", "block_stack"} <= set(result)
+    assert result["machine"]["torch"]
+    forms = {"factored", "additive", "rebuild", "merged", "plain"}
+    layers = {"attn (h->h)", "fc1 (h->4h)", "fc2 (4h->h)"}
+    tokens = set(result["args"]["tokens"])
+    assert {(r["layer"], r["tokens"], r["form"]) for r in result["single_layer"]} == {
+        (layer, count, form) for layer in layers for count in tokens for form in forms
+    }
+    assert {(r["tokens"], r["form"]) for r in result["block_stack"]} == {(c, f) for c in tokens for f in forms}
+    for record in result["single_layer"] + result["block_stack"]:
+        assert record["timing"]["median_s"] > 0
+        assert len(record["timing"]["times_s"]) == record["timing"]["repeats"]
+        if record["form"] == "plain":
+            assert record["max_abs_diff_vs_float64"] is None
+        else:
+            # every exact form reproduces U diag(S + delta) V^T computed in float64, to float32 rounding
+            assert record["max_abs_diff_vs_float64"] < 1e-5 * max(1.0, record["output_max_abs"])
+
+
+def test_train_step_quick_side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_benchmark("bench_train_step", monkeypatch)
+    output = tmp_path / "step.json"
+    module.main(["--quick", "--threads", "1", "--memory", "in-process", "--profile", "--output", str(output)])
+    result = read_json(output)
+    assert result["benchmark"] == "train_step"
+    assert result["window"] == [2, 3]
+    assert [run["resolution"] for run in result["runs"]] == [56, 70]
+    # tiny model: hidden 64, MLP 256, 4 blocks; every targeted layer has min(in, out) = 64 singular values
+    per_block = 4 * 64
+    expected_trained = {"original": 4 * per_block, "ours": 2 * per_block, "floor": 2 * (2 * 64 * 64 + 2 * 64 * 256)}
+    for run in result["runs"]:
+        side = run["side_by_side"]
+        assert set(side) == {"original", "ours", "floor"}
+        for variant, entries in expected_trained.items():
+            assert side[variant]["trainable_entries"] == entries
+            assert len(side[variant]["losses"]) == result["args"]["warmup"] + result["args"]["repeats"]
+            assert side[variant]["timing"]["median_s"] > 0
+        # same weights, same input: the losses agree at delta = 0 and after one identical SGD step
+        ours, original = side["ours"]["losses"], side["original"]["losses"]
+        assert ours[0] == pytest.approx(original[0], rel=1e-5)
+        assert ours[1] == pytest.approx(original[1], rel=1e-5)
+        assert ours[1] != ours[0]  # the SGD step changed something
+        assert side["floor"]["losses"][0] == pytest.approx(original[0], rel=1e-5)
+        assert run["loss_agreement"]["first_two_match"] is True
+        for variant in expected_trained:
+            memory = run["memory"][variant]
+            assert memory["measured"] == "in-process"
+            assert memory["step_bytes"] == memory["peak_bytes"] - memory["baseline_bytes"]
+            assert memory["total_bytes"] == memory["static_bytes"] + memory["step_bytes"]
+    assert [profiled["resolution"] for profiled in result["profiles"]] == [56, 70]
+    for profiled in result["profiles"]:
+        names = {operator["name"] for operator in profiled["operators"]}
+        assert names & {"aten::mm", "aten::addmm", "aten::linear"}
+        assert sum(operator["self_fraction"] for operator in profiled["operators"]) <= 1 + 1e-9
+
+
+def test_train_step_quick_one_variant_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_benchmark("bench_train_step", monkeypatch)
+    output = tmp_path / "alone.json"
+    module.main(["--quick", "--threads", "1", "--only", "ours", "--output", str(output)])
+    result = read_json(output)
+    assert [run["resolution"] for run in result["runs"]] == [56, 70]
+    for run in result["runs"]:
+        assert run["variant"] == "ours"
+        assert len(run["losses"]) == result["args"]["memory_steps"]
+        memory = run["memory"]
+        assert memory["kind"] == "cpu_peak_rss"
+        assert memory["peak_bytes"] >= memory["baseline_bytes"] > 0
+        assert memory["static_bytes"] == memory["after_build_bytes"] - memory["before_build_bytes"]
+        assert memory["step_bytes"] == memory["peak_bytes"] - memory["after_build_bytes"]
+        assert memory["total_bytes"] == memory["static_bytes"] + memory["step_bytes"]
+
+
+def test_train_step_quick_memory_subprocess(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_benchmark("bench_train_step", monkeypatch)
+    output = tmp_path / "driver.json"
+    module.main(["--quick", "--threads", "1", "--variants", "ours", "--resolution", "56", "--output", str(output)])
+    (run,) = read_json(output)["runs"]
+    memory = run["memory"]["ours"]
+    assert memory["measured"] == "subprocess"
+    assert memory["peak_bytes"] > 0
+    assert run["alone_timing"]["ours"]["median_s"] > 0
+    # the subprocess rebuilt the same seeded model, input and step: its first loss is the side-by-side one
+    assert run["loss_agreement"] == {}
+    assert run["alone_losses"]["ours"][0] == pytest.approx(run["side_by_side"]["ours"]["losses"][0], rel=1e-6)
+
+
+def test_adapter_size_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_benchmark("bench_adapter_size", monkeypatch)
+    output = tmp_path / "size.json"
+    module.main(["--quick", "--threads", "1", "--output", str(output)])
+    result = read_json(output)
+    computed = {entry["model"]: entry for entry in result["computed"]}
+    assert set(computed) == {
+        "facebook/dinov2-small",
+        "facebook/dinov2-with-registers-small",
+        "facebook/dinov2-giant",
+        "facebook/dinov2-with-registers-giant",
+    }
+    # ViT-S: 12 blocks of v, o (384x384), fc1, fc2 (384x1536): 4 x 384 shifts per block
+    small = computed["facebook/dinov2-small"]
+    assert small["all_layers"]["delta_entries"] == 12 * 4 * 384
+    assert small["all_layers"]["tensor_bytes"] == 4 * (12 * 4 * 384 + 12 * 4 * 5)
+    # ViT-g: 40 SwiGLU blocks, hidden 1536, MLP 4096: v, o, gate, up, down each have 1536 singular values
+    giant = computed["facebook/dinov2-giant"]
+    assert giant["layout"]["targets"]["mlp.gate_proj"] == [4096, 1536]
+    assert giant["all_layers"]["delta_entries"] == 40 * 5 * 1536
+    assert giant["layout"]["model_parameters"] > 1.1e9
+    assert computed["facebook/dinov2-with-registers-giant"]["all_layers"] == giant["all_layers"]
+    registers_extra = computed["facebook/dinov2-with-registers-giant"]["layout"]["model_parameters"]
+    assert registers_extra - giant["layout"]["model_parameters"] == 4 * 1536
+    assert giant["window"]["adapted_layers"] == 40 - giant["window_start"] < 40
+    # the saved files hold exactly the bytes of the formula, plus a header
+    assert [check["case"] for check in result["saved"]] == ["all_layers", "last_half"]
+    for check in result["saved"]:
+        assert check["formula_matches"] is True
+        assert check["stored_tensor_bytes"] == check["formula_tensor_bytes"]
+        assert check["safetensors_file_bytes"] == check["stored_tensor_bytes"] + check["header_bytes"]
+    assert 2 * result["saved"][1]["adapted_layers"] == result["saved"][0]["adapted_layers"]

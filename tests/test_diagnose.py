@@ -160,3 +160,20 @@ def test_example_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys:
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["images"][0]["path"] == str(image) and report["images"][0]["grid_size"] == [8, 8]
     assert "first defective layer" in capsys.readouterr().out
+
+
+def test_diagnose_with_registers_skips_register_tokens(tmp_path: Path) -> None:
+    """A Dinov2WithRegistersModel: the patch grid leaves out CLS and the 4 registers, and the planted defect tokens
+    (the bright patches) are found at the planted layer."""
+    from sinder_peft.demo import build_planted_defect_model
+
+    planted = build_planted_defect_model(num_register_tokens=4)
+    planted.model.save_pretrained(tmp_path / "registers")
+    image = demo_image_paths()[0]
+    report = diagnose(str(tmp_path / "registers"), [image], output_dir=tmp_path / "out", resolution=224)
+    entry = report["images"][0]
+    assert entry["grid_size"] == [16, 16]
+    assert entry["first_defective_layer"] == planted.defect_layer
+    pixel_values = prepare_image(Image.open(image), 224, 14)[None]
+    expected = planted.planted_positions(pixel_values)[0].nonzero().tolist()
+    assert sorted(entry["defect_tokens"]) == sorted(expected)

@@ -298,12 +298,17 @@ def test_resume_of_missing_checkpoint_fails(tmp_path: Path) -> None:
         repair(RepairArguments(output_dir=str(tmp_path / "run"), resume=str(tmp_path / "nothing")))
 
 
-def test_swiglu_planted_model_repairs(tmp_path: Path) -> None:
-    planted = build_planted_defect_model(swiglu=True)
-    planted.model.save_pretrained(tmp_path / "swiglu")
-    result = repair(RepairArguments(model=str(tmp_path / "swiglu"), output_dir=str(tmp_path / "run"), resolution=224))
+@pytest.mark.parametrize("kind", ["swiglu", "registers"])
+def test_swiglu_and_registers_planted_models_repair(tmp_path: Path, kind: str) -> None:
+    planted = build_planted_defect_model(swiglu=kind == "swiglu", num_register_tokens=4 if kind == "registers" else 0)
+    planted.model.save_pretrained(tmp_path / kind)
+    result = repair(RepairArguments(model=str(tmp_path / kind), output_dir=str(tmp_path / "run"), resolution=224))
     assert min(result.report["before"]["max_median_norm_ratio_last_layer"]) >= 40
     assert result.report["after"]["images_with_defects"] == 0
+    assert max(result.report["after"]["max_median_norm_ratio_last_layer"]) <= 5
+    assert result.report["clean_token_cosine"] >= 0.95
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["model_type"] == ("dinov2_with_registers" if kind == "registers" else "dinov2")
 
 
 def test_push_to_hub_uploads_model_card_and_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -330,3 +335,24 @@ def test_push_to_hub_uploads_model_card_and_adapter(tmp_path: Path, monkeypatch:
     assert "README.md" in received and "adapter/adapter_model.safetensors" in received
     assert result.report["pushed_to"].startswith(hub.endpoint)
     assert repo_id in (run / "model" / "README.md").read_text()
+
+
+def test_repair_on_a_streamed_datasets_directory(tmp_path: Path) -> None:
+    """--data as a 🤗 dataset saved with save_to_disk, streamed (the IterableDataset path of the trainer)."""
+    import datasets
+
+    images = [Image.open(path).convert("RGB") for path in demo_image_paths()]
+    datasets.Dataset.from_dict({"picture": images}).save_to_disk(str(tmp_path / "dataset"))
+    result = repair(
+        RepairArguments(
+            data=str(tmp_path / "dataset"),
+            image_column="picture",
+            streaming=True,
+            resolution=224,
+            output_dir=str(tmp_path / "run"),
+            training=TrainingArguments(stop_window=6),
+        )
+    )
+    assert result.state.stop_reason == "skip_ratio"
+    assert result.report["after"]["images_with_defects"] == 0
+    assert len(list((tmp_path / "run" / "figures").glob("before_after_*.png"))) == 4

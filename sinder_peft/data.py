@@ -335,16 +335,26 @@ def _decode_hf_image(value: Any) -> Image.Image:
 
 
 class _HFImageItems:
-    """What the map-style and streaming 🤗 datasets wrappers share: the preprocessing of one row."""
+    """What the map-style and streaming 🤗 datasets wrappers share: loading the dataset and preprocessing a row."""
 
-    source: str
-    split: str
-    image_column: str
-    resolution: int
-    patch_size: int
-    normalization: ImageNormalization
-    square: bool
-    unreadable_items: list[str]
+    def __init__(
+        self,
+        source: str,
+        resolution: int,
+        patch_size: int,
+        normalization: ImageNormalization | None,
+        *,
+        split: str,
+        image_column: str,
+        square: bool,
+        streaming: bool,
+    ) -> None:
+        self.source, self.split, self.image_column = source, split, image_column
+        self.resolution, self.patch_size = resolution, patch_size
+        self.normalization = normalization or ImageNormalization()
+        self.square = square
+        self.unreadable_items: list[str] = []
+        self.dataset = _load_hf_dataset(source, split, image_column, streaming=streaming)
 
     def _item(self, index: int, row: dict[str, Any]) -> ImageItem | None:
         """Return the item of row `index`, or `None` (logged and counted) if its image cannot be used."""
@@ -385,12 +395,16 @@ class HFImageDataset(_HFImageItems, Dataset):
         image_column: str = "image",
         square: bool = True,
     ) -> None:
-        self.source, self.split, self.image_column = source, split, image_column
-        self.resolution, self.patch_size = resolution, patch_size
-        self.normalization = normalization or ImageNormalization()
-        self.square = square
-        self.unreadable_items = []
-        self.dataset = _load_hf_dataset(source, split, image_column, streaming=False)
+        super().__init__(
+            source,
+            resolution,
+            patch_size,
+            normalization,
+            split=split,
+            image_column=image_column,
+            square=square,
+            streaming=False,
+        )
         if len(self.dataset) == 0:
             raise ValueError(f"The split {split!r} of the dataset {source!r} is empty.")
 
@@ -419,12 +433,16 @@ class HFImageIterableDataset(_HFImageItems, IterableDataset):
         image_column: str = "image",
         square: bool = True,
     ) -> None:
-        self.source, self.split, self.image_column = source, split, image_column
-        self.resolution, self.patch_size = resolution, patch_size
-        self.normalization = normalization or ImageNormalization()
-        self.square = square
-        self.unreadable_items = []
-        self.dataset = _load_hf_dataset(source, split, image_column, streaming=True)
+        super().__init__(
+            source,
+            resolution,
+            patch_size,
+            normalization,
+            split=split,
+            image_column=image_column,
+            square=square,
+            streaming=True,
+        )
 
     def __iter__(self) -> Iterator[ImageItem]:
         for index, row in enumerate(self.dataset):

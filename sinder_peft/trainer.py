@@ -6,10 +6,10 @@ Per batch (METHOD.md §2-4):
    patch tokens whose |cos| with that layer's defect direction is an outlier; the first layer with at least
    `skip_less_than` flags is the image's defective layer. The pass stops as soon as every image has one (early
    exit: the rest of the network is never run). Images without a defective layer are skipped and counted.
-2. *Take the loss with a gradient window*: from the cached input of the earliest window start, run the blocks again
-   with autograd, but only over the `limit_layers` blocks ending at each image's defective layer: an image's hidden
-   state is re-injected, detached, at its own window start, so blocks before its window receive no gradient from
-   it; blocks below every window run without autograd in step 1 only. At its defective layer each image gives the
+2. *Take the loss with a gradient window*: run the blocks again with autograd, but each image only over the
+   `limit_layers` blocks ending at its defective layer: it enters at its own window start, from its block input
+   cached (without gradient) in step 1, and leaves at its defective layer. Blocks before an image's window get no
+   gradient from it, and blocks outside every window are not run again. At its defective layer each image gives the
    smooth neighbourhood loss (`loss.py`), plus, optionally, a term that keeps its clean tokens where the frozen base
    model puts them (`preserve_weight`).
 3. *Step*: the gradients of all processes are summed explicitly (one all-reduce of a flat vector on every process,
@@ -243,8 +243,12 @@ class SinderTrainer:
             hidden = self.backbone.embeddings(pixel_values)
             for index, block in enumerate(self.blocks):
                 block_inputs.append(hidden)
-                if index >= args.limit_layers:
-                    block_inputs[index - args.limit_layers] = None
+                # Keep only the inputs a gradient window can still start from: those of the windows of images
+                # already assigned, and of windows ending at this layer or later.
+                starts = [max(0, layer - args.limit_layers + 1) for layer in layers if layer >= 0]
+                needed_from = min([*starts, index - args.limit_layers + 1])
+                for stale in range(max(0, needed_from)):
+                    block_inputs[stale] = None
                 hidden = block(hidden)
                 layer_cosines = direction_cosines(self._patch_grid(hidden, height, width), self.directions[index])
                 layer_masks = defect_token_mask(layer_cosines, args.mask_thr, border)
@@ -259,16 +263,22 @@ class SinderTrainer:
         if not defective:
             return StepOutput(loss_sum=None, num_defective=0, defective_layers=layers)
 
+        # Each image enters the autograd pass at its own window start, from the input cached above, and leaves at
+        # its defective layer; blocks outside every window are not run again at all.
         starts = {image: max(0, layers[image] - args.limit_layers + 1) for image in defective}
         first, last = min(starts.values()), max(layers[image] for image in defective)
         references = self._reference_tokens(pixel_values, defective, layers, height, width)
-        active = list(defective)
         losses: list[torch.Tensor] = []
-        hidden = block_inputs[first][active]
+        active: list[int] = []
+        hidden = None
         for index in range(first, last + 1):
-            restart = torch.tensor([starts[image] == index for image in active], device=hidden.device)
-            if restart.any():
-                hidden = torch.where(restart[:, None, None], block_inputs[index][active], hidden)
+            entering = [image for image in defective if starts[image] == index]
+            if entering:
+                entered = block_inputs[index][entering]
+                hidden = entered if hidden is None else torch.cat([hidden, entered])
+                active += entering
+            if not active:
+                continue
             hidden = self.blocks[index](hidden)
             finished = [position for position, image in enumerate(active) if layers[image] == index]
             if finished:
@@ -277,7 +287,7 @@ class SinderTrainer:
                 losses.append(self._image_losses(tokens, images, masks, cosines, references).sum())
                 keep = [position for position, image in enumerate(active) if layers[image] != index]
                 active = [active[position] for position in keep]
-                hidden = hidden[keep]
+                hidden = hidden[keep] if keep else None
         return StepOutput(loss_sum=torch.stack(losses).sum(), num_defective=len(defective), defective_layers=layers)
 
     def _image_losses(

@@ -356,3 +356,52 @@ def test_repair_on_a_streamed_datasets_directory(tmp_path: Path) -> None:
     assert result.state.stop_reason == "skip_ratio"
     assert result.report["after"]["images_with_defects"] == 0
     assert len(list((tmp_path / "run" / "figures").glob("before_after_*.png"))) == 4
+
+
+def test_images_with_different_defective_layers_in_one_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Image 0 is defective at the planted layer 2, image 1 (forced) only from layer 12 on, with windows of 3
+    blocks: the batch loss and gradients equal the sum over single images, and each image's gradient reaches only
+    its own window (blocks 0-2 and 10-12), not the blocks between (3-9) or after (13)."""
+    import sinder_peft.trainer as trainer_module
+
+    planted = build_planted_defect_model(num_layers=14, defect_layer=2)
+    directions = compute_directions(planted.model)
+    model = build_sinder_model(planted.model, list(range(14)))
+    arguments = TrainingArguments(limit_layers=3, save_every=0)
+    trainer = SinderTrainer(model, directions, arguments, Accelerator(cpu=True), tmp_path / "checkpoints")
+
+    real_mask = trainer_module.defect_token_mask
+    calls = {"layer": 0, "late": [False, True]}
+
+    def mask_with_late_images(cosines: torch.Tensor, mask_thr: float, border: int) -> torch.Tensor:
+        mask = real_mask(cosines, mask_thr, border)
+        if calls["layer"] < 12:
+            mask[torch.tensor(calls["late"])] = False
+        calls["layer"] += 1
+        return mask
+
+    monkeypatch.setattr(trainer_module, "defect_token_mask", mask_with_late_images)
+
+    def loss_and_gradients(pixel_values: torch.Tensor, late: list[bool]) -> tuple[float, list[torch.Tensor | None]]:
+        calls.update(layer=0, late=late)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        output = trainer.compute_loss(pixel_values)
+        output.loss_sum.backward()
+        expected = [12 if is_late else 2 for is_late in late]
+        assert output.defective_layers == expected
+        return float(output.loss_sum.detach()), [None if p.grad is None else p.grad.clone() for p in trainer.parameters]
+
+    pixel_values = demo_batch(2)
+    batch_loss, batch_gradients = loss_and_gradients(pixel_values, [False, True])
+    loss_a, gradients_a = loss_and_gradients(pixel_values[:1], [False])
+    loss_b, gradients_b = loss_and_gradients(pixel_values[1:], [True])
+    assert batch_loss == pytest.approx(loss_a + loss_b, rel=1e-5)
+    names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    for name, batch, single_a, single_b in zip(names, batch_gradients, gradients_a, gradients_b, strict=True):
+        layer = int(name.split(".layer.")[1].split(".")[0])
+        if layer in (0, 1, 2):
+            assert single_b is None and torch.allclose(batch, single_a, rtol=1e-4, atol=1e-7), name
+        elif layer in (10, 11, 12):
+            assert single_a is None and torch.allclose(batch, single_b, rtol=1e-4, atol=1e-7), name
+        else:
+            assert batch is None and single_a is None and single_b is None, name

@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from .data import build_dataset, collate_images
 from .defects import DefectAnalysis, find_defect_tokens
 from .loading import DEMO_MODEL_NAME, ImageNormalization, load_backbone
 from .trainer import (
+    CHECKPOINT_ADAPTER_DIR,
     SinderTrainer,
     TrainerState,
     TrainingArguments,
@@ -180,7 +182,7 @@ def _check_output_dir(args: RepairArguments) -> Path:
     return output_dir
 
 
-def repair(args: RepairArguments, callbacks: tuple = ()) -> RepairResult:
+def repair(args: RepairArguments, callbacks: Sequence[Callable[[TrainerState], None]] = ()) -> RepairResult:
     """Run a whole repair (see the module docstring) and return what it produced.
 
     Args:
@@ -224,19 +226,8 @@ def repair(args: RepairArguments, callbacks: tuple = ()) -> RepairResult:
     before_features = _final_features(base_model, report_pixels).cpu()
 
     if checkpoint is not None:
-        model = PeftModel.from_pretrained(base_model, checkpoint / "adapter", is_trainable=True)
-        layers = sorted(
-            {
-                int(name.split(".layer.")[1].split(".")[0])
-                for name, _ in model.named_parameters()
-                if ".sinder_delta." in name
-            }
-        )
-        logger.info(
-            "Resuming from %s (step %s).",
-            checkpoint,
-            json.loads((checkpoint / "trainer_state.json").read_text())["step"],
-        )
+        model = PeftModel.from_pretrained(base_model, checkpoint / CHECKPOINT_ADAPTER_DIR, is_trainable=True)
+        layers = list(model.peft_config["default"].layers_to_transform)
     else:
         layers = select_layers_to_transform(
             before.first_defective_layer.tolist(), description.num_layers, training.limit_layers
@@ -258,6 +249,7 @@ def repair(args: RepairArguments, callbacks: tuple = ()) -> RepairResult:
     trainer = SinderTrainer(model, directions, training, accelerator, output_dir / "checkpoints", callbacks=callbacks)
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint)
+        logger.info("Resuming from %s at step %d.", checkpoint, trainer.state.step)
     state = trainer.train(dataset)
     accelerator.end_training()
 

@@ -405,3 +405,16 @@ def test_images_with_different_defective_layers_in_one_batch(tmp_path: Path, mon
             assert single_a is None and torch.allclose(batch, single_b, rtol=1e-4, atol=1e-7), name
         else:
             assert batch is None and single_a is None and single_b is None, name
+
+
+def test_report_to_tensorboard_logs_the_loss(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = repair(RepairArguments(output_dir=str(tmp_path / "run"), report_to="tensorboard"))
+    event_files = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert event_files
+    events = EventAccumulator(str(event_files[0].parent))
+    events.Reload()
+    losses = events.Scalars("loss")
+    assert len(losses) == result.state.step
+    assert losses[-1].step == result.state.step and losses[0].value > losses[-1].value

@@ -389,7 +389,9 @@ def test_images_with_different_defective_layers_in_one_batch(tmp_path: Path, mon
         output.loss_sum.backward()
         expected = [12 if is_late else 2 for is_late in late]
         assert output.defective_layers == expected
-        return float(output.loss_sum.detach()), [None if p.grad is None else p.grad.clone() for p in trainer.parameters]
+        return float(output.loss_sum.detach()), [
+            None if p.grad is None else p.grad.clone() for p in trainer.parameters
+        ]
 
     pixel_values = demo_batch(2)
     batch_loss, batch_gradients = loss_and_gradients(pixel_values, [False, True])

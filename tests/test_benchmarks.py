@@ -164,3 +164,52 @@ def test_adapter_size_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         assert check["stored_tensor_bytes"] == check["formula_tensor_bytes"]
         assert check["safetensors_file_bytes"] == check["stored_tensor_bytes"] + check["header_bytes"]
     assert 2 * result["saved"][1]["adapted_layers"] == result["saved"][0]["adapted_layers"]
+
+
+def test_scaling_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_benchmark("bench_scaling", monkeypatch)
+    output = tmp_path / "scaling.json"
+    module.main(["--quick", "--threads", "1", "--memory", "in-process", "--output", str(output)])
+    result = read_json(output)
+    assert result["benchmark"] == "scaling"
+    assert {"machine", "args", "model", "window", "categories", "configurations"} <= set(result)
+    assert result["window"] == [2, 3]
+    assert result["categories"] == ["matmul", "attention", "elementwise", "other"]
+    # the resolution sweep at batch 1, then the batch sweep at 56 px without repeating (56, 1)
+    configurations = result["configurations"]
+    assert [(c["resolution"], c["batch_size"]) for c in configurations] == [(56, 1), (70, 1), (56, 2)]
+    for configuration in configurations:
+        assert configuration["tokens_per_image"] == 1 + (configuration["resolution"] // 14) ** 2
+        timing = configuration["timing"]
+        assert timing["median_s"] > 0 and min(timing["times_s"]) > 0
+        assert len(timing["times_s"]) == timing["repeats"] == 2
+        assert len(configuration["losses"]) == 1 + 2 and all(loss > 0 for loss in configuration["losses"])
+        memory = configuration["memory"]
+        assert memory["kind"] == "cpu_peak_rss" and memory["measured"] == "in-process"
+        assert memory["delta_bytes"] == memory["peak_bytes"] - memory["baseline_bytes"] >= 0
+        profile = configuration["profile"]
+        categories = profile["categories"]
+        assert set(categories) == set(result["categories"])
+        assert sum(category["fraction"] for category in categories.values()) == pytest.approx(1.0)
+        assert sum(category["ms_per_step"] for category in categories.values()) == pytest.approx(
+            profile["ms_per_step_total"]
+        )
+        assert {op["name"] for op in categories["matmul"]["top_operators"]} & {"aten::mm", "aten::addmm"}
+        assert any("scaled_dot_product" in op["name"] for op in categories["attention"]["top_operators"])
+    # each configuration starts again from the built state: the second one's first loss is a fresh build's
+    fresh = module.main(
+        ["--quick", "--threads", "1", "--only-config", "70", "1", "--output", str(tmp_path / "70.json")]
+    )
+    # (without the reset it differs by about 4e-6 relative: three SGD steps at 56 px moved the shifts)
+    assert fresh["configurations"][0]["losses"][0] == pytest.approx(configurations[1]["losses"][0], rel=1e-7)
+    assert configurations[1]["losses"][1] != configurations[1]["losses"][0]  # the SGD steps changed the shifts
+    # the classification: attention includes whatever runs inside it, a math-path matmul included
+    assert module.operator_category("aten::mm") == "matmul"
+    assert module.operator_category("aten::bmm", ["aten::scaled_dot_product_attention"]) == "attention"
+    assert (
+        module.operator_category("autograd::engine::evaluate_function: ScaledDotProductFlashAttentionForCpuBackward0")
+        == "attention"
+    )
+    assert module.operator_category("aten::add_") == "elementwise"
+    assert module.operator_category("aten::native_layer_norm") == "elementwise"
+    assert module.operator_category("aten::view") == "other"

@@ -335,26 +335,29 @@ def _decode_hf_image(value: Any) -> Image.Image:
 
 
 class _HFImageItems:
-    """What the map-style and streaming 🤗 datasets wrappers share: loading the dataset and preprocessing a row."""
+    """What the map-style and streaming 🤗 datasets wrappers share: loading the dataset (streamed for the
+    `IterableDataset` subclass) and preprocessing a row."""
 
     def __init__(
         self,
         source: str,
         resolution: int,
         patch_size: int,
-        normalization: ImageNormalization | None,
+        normalization: ImageNormalization | None = None,
         *,
-        split: str,
-        image_column: str,
-        square: bool,
-        streaming: bool,
+        split: str = "train",
+        image_column: str = "image",
+        square: bool = True,
     ) -> None:
         self.source, self.split, self.image_column = source, split, image_column
         self.resolution, self.patch_size = resolution, patch_size
         self.normalization = normalization or ImageNormalization()
         self.square = square
         self.unreadable_items: list[str] = []
+        streaming = isinstance(self, IterableDataset)
         self.dataset = _load_hf_dataset(source, split, image_column, streaming=streaming)
+        if not streaming and len(self.dataset) == 0:
+            raise ValueError(f"The split {split!r} of the dataset {source!r} is empty.")
 
     def _item(self, index: int, row: dict[str, Any]) -> ImageItem | None:
         """Return the item of row `index`, or `None` (logged and counted) if its image cannot be used."""
@@ -384,30 +387,6 @@ class HFImageDataset(_HFImageItems, Dataset):
     `datasets.load_dataset`, or a directory written by `save_to_disk`.
     """
 
-    def __init__(
-        self,
-        source: str,
-        resolution: int,
-        patch_size: int,
-        normalization: ImageNormalization | None = None,
-        *,
-        split: str = "train",
-        image_column: str = "image",
-        square: bool = True,
-    ) -> None:
-        super().__init__(
-            source,
-            resolution,
-            patch_size,
-            normalization,
-            split=split,
-            image_column=image_column,
-            square=square,
-            streaming=False,
-        )
-        if len(self.dataset) == 0:
-            raise ValueError(f"The split {split!r} of the dataset {source!r} is empty.")
-
     def __len__(self) -> int:
         return len(self.dataset)
 
@@ -421,28 +400,6 @@ class HFImageIterableDataset(_HFImageItems, IterableDataset):
     Yields `{"pixel_values", "path"}`; rows whose image cannot be used are logged, counted and skipped. `datasets`
     shards the stream across DataLoader workers by itself.
     """
-
-    def __init__(
-        self,
-        source: str,
-        resolution: int,
-        patch_size: int,
-        normalization: ImageNormalization | None = None,
-        *,
-        split: str = "train",
-        image_column: str = "image",
-        square: bool = True,
-    ) -> None:
-        super().__init__(
-            source,
-            resolution,
-            patch_size,
-            normalization,
-            split=split,
-            image_column=image_column,
-            square=square,
-            streaming=True,
-        )
 
     def __iter__(self) -> Iterator[ImageItem]:
         for index, row in enumerate(self.dataset):

@@ -172,16 +172,6 @@ def tiny_random_model(swiglu: bool, seed: int = 0) -> Dinov2Model:
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run this module's many small LAPACK calls on one thread: on a shared, busy CPU, multi-threaded SVDs of
-    100×100 matrices are tens of times slower than single-threaded ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def planted_gelu():
     return build_planted_defect_model()

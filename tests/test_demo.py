@@ -46,16 +46,6 @@ def white_patches(image: Image.Image, patch_size: int = 14) -> torch.Tensor:
     return torch.from_numpy((blocks == 255).all(axis=(1, 3, 4)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run this module's many small LAPACK calls on one thread: on a shared, busy CPU, multi-threaded SVDs of
-    100×100 matrices are tens of times slower than single-threaded ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def shipped_pixel_values() -> torch.Tensor:
     return to_pixel_values(demo_images())

@@ -292,6 +292,21 @@ def test_two_processes_with_an_image_free_of_defects(tmp_path: Path) -> None:
     # 2 images per step (one per process), one of them without defect: half the images are skipped
     assert report["images_seen"] == 8 and report["images_skipped"] == 4
 
+    # the synchronized step is the step of one process on the same two images as one batch
+    single = repair(
+        RepairArguments(
+            data=str(data),
+            output_dir=str(tmp_path / "single"),
+            training=TrainingArguments(lr=0.0005, max_steps=4, stop_window=1000, batch_size=2),
+        )
+    )
+    assert single.state.images_seen == 8 and single.state.images_skipped == 4
+    two_processes, one_process = deltas(output_dir / "adapter"), deltas(tmp_path / "single" / "adapter")
+    assert two_processes.keys() == one_process.keys()
+    assert any(value.abs().max() > 0 for value in one_process.values())
+    for key, value in one_process.items():
+        assert torch.allclose(two_processes[key], value, rtol=1e-4, atol=1e-7), key
+
 
 def test_resume_of_missing_checkpoint_fails(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="No SINDER checkpoint"):

@@ -45,7 +45,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_train_step import TrainingStep, build_variant, make_inputs
+from bench_train_step import (
+    TrainingStep,
+    add_step_arguments,
+    build_variant,
+    make_inputs,
+    resolve_step_arguments,
+)
 from common import (
     PATCH_SIZE,
     PeakMemory,
@@ -363,25 +369,12 @@ def measure_in_subprocess(args: argparse.Namespace, resolution: int, batch_size:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-size", default="b", help="s, b, l, g (or tiny); default ViT-B")
-    parser.add_argument("--num-layers", type=int, default=None, help="truncate the model to this many blocks")
+    add_step_arguments(parser)
     parser.add_argument(
         "--resolution", type=int, nargs="+", default=[224, 518, 896], help="image sides of the sweep (batch 1)"
     )
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 2, 4], help="batch sizes of the sweep")
     parser.add_argument("--batch-resolution", type=int, default=224, help="image side of the batch sweep")
-    parser.add_argument("--layer", type=int, default=None, help="defective layer (default: the last one)")
-    parser.add_argument("--limit-layers", type=int, default=10, help="blocks with gradients, ending at --layer")
-    parser.add_argument("--lr", type=float, default=0.005)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
-    parser.add_argument(
-        "--matmul-precision",
-        default=None,
-        choices=["highest", "high", "medium"],
-        help="torch.set_float32_matmul_precision; default 'high' on CUDA (TF32), else 'highest'",
-    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     parser.add_argument("--repeats", type=int, default=3, help="most timed steps per configuration")
     parser.add_argument(
@@ -422,15 +415,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.batch_resolution == parser.get_default("batch_resolution"):
             args.batch_resolution = 56
         args.warmup, args.repeats, args.profile_steps = 1, 2, 1
-    num_layers = get_shape(args.model_size).num_layers if args.num_layers is None else args.num_layers
-    if args.layer is None:
-        args.layer = num_layers - 1
-    if not 0 <= args.layer < num_layers:
-        raise ValueError(f"--layer {args.layer} out of range for {num_layers} blocks.")
-    if args.memory is None:
-        args.memory = "in-process" if args.device.startswith("cuda") else "subprocess"
-    if args.matmul_precision is None:
-        args.matmul_precision = "high" if args.device.startswith("cuda") else "highest"
+    resolve_step_arguments(args)
     return args
 
 

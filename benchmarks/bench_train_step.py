@@ -518,24 +518,42 @@ def _loss_agreement(side_by_side: dict[str, Any], tolerance: float) -> dict[str,
     }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments that define the model and the training step (shared with `bench_scaling.py`)."""
     parser.add_argument("--model-size", default="b", help="s, b, l, g (or tiny); default ViT-B")
     parser.add_argument("--num-layers", type=int, default=None, help="truncate the model to this many blocks")
-    parser.add_argument("--resolution", type=int, nargs="+", default=[224, 448], help="square image side(s), px")
-    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--layer", type=int, default=None, help="defective layer (default: the last one)")
     parser.add_argument("--limit-layers", type=int, default=10, help="blocks with gradients, ending at --layer")
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass (all variants)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
     parser.add_argument(
         "--matmul-precision",
         default=None,
         choices=["highest", "high", "medium"],
         help="torch.set_float32_matmul_precision; default 'high' on CUDA (TF32, as the original code), else 'highest'",
     )
+
+
+def resolve_step_arguments(args: argparse.Namespace) -> None:
+    """Fill in the device-dependent defaults of `add_step_arguments` (and `--memory`) and check `--layer`."""
+    num_layers = get_shape(args.model_size).num_layers if args.num_layers is None else args.num_layers
+    if args.layer is None:
+        args.layer = num_layers - 1
+    if not 0 <= args.layer < num_layers:
+        raise ValueError(f"--layer {args.layer} out of range for {num_layers} blocks.")
+    if args.memory is None:
+        args.memory = "in-process" if args.device.startswith("cuda") else "subprocess"
+    if args.matmul_precision is None:
+        args.matmul_precision = "high" if args.device.startswith("cuda") else "highest"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_step_arguments(parser)
+    parser.add_argument("--resolution", type=int, nargs="+", default=[224, 448], help="square image side(s), px")
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (interleaved)")
@@ -563,16 +581,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.resolution == parser.get_default("resolution"):
             args.resolution = [56, 70]
         args.limit_layers, args.warmup, args.repeats, args.memory_steps, args.profile_steps = 2, 1, 2, 2, 1
-    shape = get_shape(args.model_size)
-    num_layers = shape.num_layers if args.num_layers is None else args.num_layers
-    if args.layer is None:
-        args.layer = num_layers - 1
-    if not 0 <= args.layer < num_layers:
-        raise ValueError(f"--layer {args.layer} out of range for {num_layers} blocks.")
-    if args.memory is None:
-        args.memory = "in-process" if args.device.startswith("cuda") else "subprocess"
-    if args.matmul_precision is None:
-        args.matmul_precision = "high" if args.device.startswith("cuda") else "highest"
+    resolve_step_arguments(args)
     # What a memory subprocess needs to rebuild the same model, input and step.
     args.forwarded = [
         "--model-size",

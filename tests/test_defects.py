@@ -29,7 +29,8 @@ from sinder_peft.defects import (
     sampled_mlp_jacobian,
     singular_defect_directions,
 )
-from sinder_peft.demo import IMAGENET_MEAN, IMAGENET_STD, build_planted_defect_model, generate_demo_image
+from sinder_peft.demo import build_planted_defect_model, generate_demo_image
+from sinder_peft.loading import IMAGENET_MEAN, IMAGENET_STD
 
 FRESH_IMAGE_SEEDS = tuple(range(1000, 1012))
 

@@ -514,6 +514,18 @@ class DefectAnalysis:
         }
 
 
+def patch_grid(
+    hidden_states: torch.Tensor, description: ArchitectureDescription, height: int, width: int
+) -> torch.Tensor:
+    """Return the patch tokens of a block output `hidden_states` [B, T, C] as a float32 grid [B, H, W, C].
+
+    The CLS token and any register tokens (`description.num_prefix_tokens`) come first in the sequence and are left
+    out; the patches follow in row-major order.
+    """
+    patches = hidden_states[:, description.num_prefix_tokens :]
+    return patches.float().reshape(hidden_states.shape[0], height, width, -1)
+
+
 def patch_grid_size(pixel_values: torch.Tensor, patch_size: int, kernel: int = 3) -> tuple[int, int]:
     """Return the patch grid (H, W) of `pixel_values` [B, channels, height, width].
 
@@ -591,7 +603,7 @@ def find_defect_tokens(
         hidden = backbone.embeddings(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
         for index, block in enumerate(get_blocks(backbone)):
             hidden = block(hidden)
-            patches = hidden[:, description.num_prefix_tokens :].float().reshape(batch, height, width, -1)
+            patches = patch_grid(hidden, description, height, width)
             cosines.append(direction_cosines(patches, direction_matrix[index]).cpu())
             norms.append(patches.norm(dim=-1).cpu())
     cosine_tensor = torch.stack(cosines, dim=1)

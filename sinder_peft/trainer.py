@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .architectures import ArchitectureDescription, describe_model, get_blocks, unwrap_backbone
 from .config import SinderConfig
-from .defects import defect_token_mask, direction_cosines, singular_defect_directions
+from .defects import defect_token_mask, direction_cosines, patch_grid, singular_defect_directions
 from .loss import feature_preservation_loss, smooth_neighbourhood_loss
 
 logger = logging.getLogger(__name__)
@@ -222,11 +222,6 @@ class SinderTrainer:
     # One step
     # ------------------------------------------------------------------------------------------------------------
 
-    def _patch_grid(self, hidden: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Return the patch tokens of block outputs `hidden` [B, T, C] as a grid [B, H, W, C] in float32."""
-        patches = hidden[:, self.description.num_prefix_tokens :]
-        return patches.float().reshape(hidden.shape[0], height, width, -1)
-
     def compute_loss(self, pixel_values: torch.Tensor) -> StepOutput:
         """Run steps 1 and 2 of the module docstring on one batch and return the summed loss of its images."""
         args = self.args
@@ -250,7 +245,9 @@ class SinderTrainer:
                 for stale in range(max(0, needed_from)):
                     block_inputs[stale] = None
                 hidden = block(hidden)
-                layer_cosines = direction_cosines(self._patch_grid(hidden, height, width), self.directions[index])
+                layer_cosines = direction_cosines(
+                    patch_grid(hidden, self.description, height, width), self.directions[index]
+                )
                 layer_masks = defect_token_mask(layer_cosines, args.mask_thr, border)
                 counts = layer_masks.flatten(1).sum(dim=1).tolist()
                 for image, count in enumerate(counts):
@@ -282,7 +279,7 @@ class SinderTrainer:
             hidden = self.blocks[index](hidden)
             finished = [position for position, image in enumerate(active) if layers[image] == index]
             if finished:
-                tokens = self._patch_grid(hidden[finished], height, width)
+                tokens = patch_grid(hidden[finished], self.description, height, width)
                 images = [active[position] for position in finished]
                 losses.append(self._image_losses(tokens, images, masks, cosines, references).sum())
                 keep = [position for position, image in enumerate(active) if layers[image] != index]
@@ -326,7 +323,9 @@ class SinderTrainer:
                 hidden = self.blocks[index](hidden)
                 for position, image in enumerate(defective):
                     if layers[image] == index:
-                        references[image] = self._patch_grid(hidden[position : position + 1], height, width)[0]
+                        references[image] = patch_grid(
+                            hidden[position : position + 1], self.description, height, width
+                        )[0]
         return references
 
     def _all_reduce(self, counters: torch.Tensor) -> tuple[list[torch.Tensor | None], torch.Tensor]:

@@ -71,6 +71,8 @@ class RepairArguments:
         resume: a checkpoint (or run directory) to continue from.
         overwrite: allow writing into an existing, non-empty output directory.
         report_to: Accelerate tracker(s) to log to ("tensorboard", "wandb", "all"...); None logs nowhere.
+        mixed_precision: "no" or "bf16" (bfloat16 autocast of the forward passes, for GPUs); None takes Accelerate's
+            setting (`accelerate launch --mixed_precision`, `accelerate config`), "no" when there is none.
         push_to_hub: Hub repository to upload model/ (with its card) to.
         push_adapter: also upload adapter/ (into the same repository's `adapter/` folder).
         hub_token: token for the upload (default: the logged-in token).
@@ -90,6 +92,7 @@ class RepairArguments:
     resume: str | None = None
     overwrite: bool = False
     report_to: str | None = None
+    mixed_precision: str | None = None
     push_to_hub: str | None = None
     push_adapter: bool = False
     hub_token: str | None = None
@@ -196,7 +199,11 @@ def repair(args: RepairArguments, callbacks: Sequence[Callable[[TrainerState], N
     training = args.training
     output_dir = _check_output_dir(args)
     resolution = args.resolution or (DEMO_RESOLUTION if args.model == DEMO_MODEL_NAME else DEFAULT_RESOLUTION)
-    accelerator = Accelerator(log_with=args.report_to, project_dir=str(output_dir) if args.report_to else None)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_dir=str(output_dir) if args.report_to else None,
+    )
     checkpoint = resolve_checkpoint(args.resume) if args.resume else None
 
     base_model, normalization = load_backbone(args.model)
@@ -455,6 +462,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help=f"short side of training images (default: {DEFAULT_RESOLUTION}; {DEMO_RESOLUTION} for the demo)",
     )
+    data.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16"),
+        default=None,
+        help="bf16: bfloat16 autocast of the forward passes (GPUs); default: Accelerate's setting, else no",
+    )
     output = parser.add_argument_group("outputs")
     output.add_argument("--output-dir", default="runs/sinder", help="where to write model/, adapter/, report.json")
     output.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
@@ -545,6 +558,7 @@ def arguments_from_namespace(namespace: argparse.Namespace) -> RepairArguments:
         resume=namespace.resume,
         overwrite=namespace.overwrite,
         report_to=namespace.report_to,
+        mixed_precision=namespace.mixed_precision,
         push_to_hub=namespace.push_to_hub,
         push_adapter=namespace.push_adapter,
         hub_token=namespace.hub_token,

@@ -17,6 +17,11 @@ Per batch (METHOD.md §2-4):
    defective images of the step; a NaN or inf loss or gradient skips the step everywhere. SGD with momentum.
 
 Only the shifts `delta` of the SINDER adapter train. Defect directions are computed once, from the base weights.
+
+Mixed precision: with an `Accelerator(mixed_precision="bf16")` (`accelerate launch --mixed_precision bf16`, or
+`--mixed-precision bf16` of the repair command) the embeddings and blocks run under bfloat16 autocast in both passes,
+while the residual stream, the shifts, the defect test and the loss stay in float32. float16 is refused: its
+gradients would need loss scaling, and bfloat16 covers the same GPUs' fast paths.
 """
 
 from __future__ import annotations
@@ -207,6 +212,11 @@ class SinderTrainer:
         self.accelerator = accelerator
         self.checkpoint_dir = Path(checkpoint_dir)
         self.callbacks = list(callbacks)
+        if accelerator.mixed_precision == "fp16":
+            raise ValueError(
+                "SINDER training supports mixed_precision 'no' and 'bf16', not 'fp16' (float16 gradients of the "
+                "shifts would need loss scaling). Use bf16, e.g. `accelerate launch --mixed_precision bf16`."
+            )
         self.backbone = unwrap_backbone(model)
         self.description: ArchitectureDescription = describe_model(model)
         self.blocks = get_blocks(self.backbone)
@@ -235,7 +245,7 @@ class SinderTrainer:
         cosines: dict[int, torch.Tensor] = {}
         block_inputs: list[torch.Tensor | None] = []
         with torch.no_grad():
-            hidden = self.backbone.embeddings(pixel_values)
+            hidden = self._run(self.backbone.embeddings, pixel_values)
             for index, block in enumerate(self.blocks):
                 block_inputs.append(hidden)
                 # Keep only the inputs a gradient window can still start from: those of the windows of images
@@ -244,7 +254,7 @@ class SinderTrainer:
                 needed_from = min([*starts, index - args.limit_layers + 1])
                 for stale in range(max(0, needed_from)):
                     block_inputs[stale] = None
-                hidden = block(hidden)
+                hidden = self._run(block, hidden)
                 layer_cosines = direction_cosines(
                     patch_grid(hidden, self.description, height, width), self.directions[index]
                 )
@@ -276,7 +286,7 @@ class SinderTrainer:
                 active += entering
             if not active:
                 continue
-            hidden = self.blocks[index](hidden)
+            hidden = self._run(self.blocks[index], hidden)
             finished = [position for position, image in enumerate(active) if layers[image] == index]
             if finished:
                 tokens = patch_grid(hidden[finished], self.description, height, width)
@@ -286,6 +296,16 @@ class SinderTrainer:
                 active = [active[position] for position in keep]
                 hidden = hidden[keep] if keep else None
         return StepOutput(loss_sum=torch.stack(losses).sum(), num_defective=len(defective), defective_layers=layers)
+
+    def _run(self, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """Return `module(inputs)` (the embeddings or one block) computed under the accelerator's autocast.
+
+        With `mixed_precision="bf16"` the matrix multiplies run in bfloat16; the block output is still in the model's
+        dtype (the residual sum promotes it), so the defect test and the loss, computed outside, stay in float32.
+        Without mixed precision this is a plain call.
+        """
+        with self.accelerator.autocast():
+            return module(inputs)
 
     def _image_losses(
         self,
@@ -318,9 +338,9 @@ class SinderTrainer:
         references: dict[int, torch.Tensor] = {}
         last = max(layers[image] for image in defective)
         with torch.no_grad(), self.model.disable_adapter():
-            hidden = self.backbone.embeddings(pixel_values[defective])
+            hidden = self._run(self.backbone.embeddings, pixel_values[defective])
             for index in range(last + 1):
-                hidden = self.blocks[index](hidden)
+                hidden = self._run(self.blocks[index], hidden)
                 for position, image in enumerate(defective):
                     if layers[image] == index:
                         references[image] = patch_grid(

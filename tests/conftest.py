@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,3 +64,11 @@ def pixel_values() -> torch.Tensor:
     """Two random images of 56x70 pixels (a 4x5 patch grid: non-square on purpose)."""
     generator = torch.Generator().manual_seed(123)
     return torch.randn(2, 3, 56, 70, generator=generator)
+
+
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[None]:
+    """Accelerate keeps one state per process, mixed precision included: start from none and leave none behind."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -39,11 +39,14 @@ def test_adapter_on_cuda(dtype: torch.dtype) -> None:
         assert (merged(pixel_values=pixel_values).last_hidden_state.float() - reference).abs().max() < tolerance
 
 
-def test_training_step_on_cuda(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_training_step_on_cuda(tmp_path: Path, mixed_precision: str, fresh_accelerate_state: None) -> None:
     base = build_demo_model().to("cuda")
     directions = compute_directions(base)
     model = build_sinder_model(base, list(range(6)))
-    trainer = SinderTrainer(model, directions, TrainingArguments(save_every=0), Accelerator(), tmp_path)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    assert accelerator.device.type == "cuda"
+    trainer = SinderTrainer(model, directions, TrainingArguments(save_every=0), accelerator, tmp_path)
     dataset = build_dataset(None, 224, 14)
     pixel_values = collate_images([dataset[0]])["pixel_values"]
     before = [p.detach().clone() for p in trainer.parameters]

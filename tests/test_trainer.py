@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -13,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from conftest import REPO_ROOT, run_python
 from PIL import Image
 from safetensors.torch import load_file
 
+from sinder_peft import SinderLinear
 from sinder_peft.data import build_dataset, collate_images
 from sinder_peft.demo import build_demo_model, build_planted_defect_model, demo_image_paths
 from sinder_peft.loss import smooth_neighbourhood_loss
@@ -35,12 +38,15 @@ def demo_batch(count: int = 3) -> torch.Tensor:
     return collate_images([dataset[index] for index in range(count)])["pixel_values"]
 
 
-def make_trainer(tmp_path: Path, layers: list[int], **overrides: object) -> SinderTrainer:
+def make_trainer(
+    tmp_path: Path, layers: list[int], accelerator: Accelerator | None = None, **overrides: object
+) -> SinderTrainer:
     base = build_demo_model()
     directions = compute_directions(base)
     model = build_sinder_model(base, layers)
     arguments = TrainingArguments(save_every=0, **overrides)
-    return SinderTrainer(model, directions, arguments, Accelerator(cpu=True), tmp_path / "checkpoints")
+    accelerator = accelerator or Accelerator(cpu=True)
+    return SinderTrainer(model, directions, arguments, accelerator, tmp_path / "checkpoints")
 
 
 def deltas(path: Path) -> dict[str, torch.Tensor]:
@@ -435,3 +441,46 @@ def test_report_to_tensorboard_logs_the_loss(tmp_path: Path) -> None:
     losses = events.Scalars("loss")
     assert len(losses) == result.state.step
     assert losses[-1].step == result.state.step and losses[0].value > losses[-1].value
+
+
+def test_bf16_mixed_precision_runs_the_blocks_under_autocast(tmp_path: Path, fresh_accelerate_state: None) -> None:
+    pixel_values = demo_batch(2)
+    expected = make_trainer(tmp_path, layers=list(range(6))).compute_loss(pixel_values)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    trainer = make_trainer(tmp_path, layers=list(range(6)), accelerator=Accelerator(mixed_precision="bf16", cpu=True))
+    autocast_seen: list[bool] = []
+    layer = next(module for module in trainer.model.modules() if isinstance(module, SinderLinear))
+    layer.register_forward_pre_hook(lambda module, args: autocast_seen.append(torch.is_autocast_enabled("cpu")))
+
+    output = trainer.compute_loss(pixel_values)
+    assert autocast_seen and all(autocast_seen)
+    assert not torch.is_autocast_enabled("cpu")
+    assert output.defective_layers == expected.defective_layers
+    assert output.loss_sum.dtype == torch.float32
+    loss, reference = float(output.loss_sum.detach()), float(expected.loss_sum.detach())
+    assert loss != reference and loss == pytest.approx(reference, rel=0.05)
+
+    before = [parameter.detach().clone() for parameter in trainer.parameters]
+    result = trainer.training_step(pixel_values)
+    assert result["defective"] == 2 and result["nonfinite"] == 0.0
+    assert all(parameter.dtype == torch.float32 for parameter in trainer.parameters)
+    assert any(not torch.equal(old, new) for old, new in zip(before, trainer.parameters, strict=True))
+
+
+def test_fp16_mixed_precision_is_refused(tmp_path: Path, fresh_accelerate_state: None) -> None:
+    with pytest.raises(ValueError, match="not 'fp16'.*bf16"):
+        make_trainer(tmp_path, layers=[0, 1], accelerator=Accelerator(mixed_precision="fp16", cpu=True))
+
+
+def test_repair_command_passes_mixed_precision_to_accelerate(tmp_path: Path, fresh_accelerate_state: None) -> None:
+    from sinder_peft.repair import add_arguments, arguments_from_namespace
+
+    parser = add_arguments(argparse.ArgumentParser())
+    arguments = arguments_from_namespace(
+        parser.parse_args(["--mixed-precision", "bf16", "--max-steps", "2", "--output-dir", str(tmp_path / "run")])
+    )
+    assert arguments.mixed_precision == "bf16"
+    result = repair(arguments)
+    assert AcceleratorState().mixed_precision == "bf16"
+    assert result.state.step == 2 and result.state.nan_steps == 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

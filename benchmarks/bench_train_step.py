@@ -12,11 +12,9 @@ Variants (same random DINOv2, same image, same defect direction):
   three linear layers (the original fuses them into `qkv`, rebuilding the three parts and concatenating): the
   rebuild cost is the same. Likewise ViT-g's SwiGLU keeps `gate_proj` and `up_proj` apart where the original has one
   fused `w12` (same rebuild cost; the fused SVD gives a different parametrization, so only the first loss matches).
-* `ours`: `get_peft_model(model, SinderConfig(layers_to_transform=...))`: the factored adapter layer in the
-  window only (`--adapt window`), or in the blocks the trainer adapts when `--layer` is the earliest defective layer
-  of the data, the window's start to the last block (`--adapt trainer`: what a whole repair run holds). Embeddings
-  and the blocks below the window run under `torch.no_grad()`, the window with autograd, stopping at the defective
-  layer; one finiteness check of the shifts' gradients; SGD step.
+* `ours`: `get_peft_model(model, SinderConfig(layers_to_transform=window))`: the factored adapter layer in the
+  window only; embeddings and the blocks below the window run under `torch.no_grad()`, the window with autograd,
+  stopping at the defective layer; one finiteness check of the shifts' gradients; SGD step.
 * `floor`: the plain model with everything frozen but the weights of the targeted projections in the window (the
   full `W` trains, as in ordinary fine-tuning); same step as `ours`. The reference point of issue 6: the cost of the
   window's forward and backward passes with plain linear layers.
@@ -80,7 +78,6 @@ import sinder_peft
 from sinder_peft import SinderConfig
 from sinder_peft.architectures import describe_config, get_blocks, unwrap_backbone
 from sinder_peft.loss import smooth_neighbourhood_loss
-from sinder_peft.trainer import select_layers_to_transform
 
 VARIANTS: tuple[str, ...] = ("original", "ours", "floor")
 NUM_DEFECT_TOKENS = 3
@@ -269,20 +266,10 @@ def build_original(model: nn.Module, args: argparse.Namespace, keep_initial: boo
 
 
 def build_ours(model: nn.Module, args: argparse.Namespace, keep_initial: bool) -> TrainingStep:
-    """Return sinder-peft's step: the adapter on the window's blocks, or on those the trainer picks (`--adapt`)."""
-    if args.adapt == "trainer":
-        num_layers = len(get_blocks(unwrap_backbone(model)))
-        adapted = select_layers_to_transform([args.layer], num_layers, args.limit_layers)
-    else:
-        adapted = list(range(max(0, args.layer - args.limit_layers + 1), args.layer + 1))
-    peft_model = get_peft_model(model, SinderConfig(layers_to_transform=adapted))
-    first = max(0, args.layer - args.limit_layers + 1)
-    parameters = [
-        parameter
-        for block in get_blocks(unwrap_backbone(peft_model))[first : args.layer + 1]
-        for parameter in block.parameters()
-        if parameter.requires_grad
-    ]
+    """Return sinder-peft's step: the adapter on the window's blocks only (see the module docstring)."""
+    window = list(range(max(0, args.layer - args.limit_layers + 1), args.layer + 1))
+    peft_model = get_peft_model(model, SinderConfig(layers_to_transform=window))
+    parameters = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
     return WindowedStep(peft_model, parameters, args, keep_initial)
 
 
@@ -537,15 +524,6 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-layers", type=int, default=None, help="truncate the model to this many blocks")
     parser.add_argument("--layer", type=int, default=None, help="defective layer (default: the last one)")
     parser.add_argument("--limit-layers", type=int, default=10, help="blocks with gradients, ending at --layer")
-    parser.add_argument(
-        "--adapt",
-        choices=["window", "trainer"],
-        default="window",
-        help=(
-            "blocks ours adapts: the gradient window, or what the trainer adapts when --layer is the earliest "
-            "defective layer (the window's start to the last block)"
-        ),
-    )
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--device", default="cpu")
@@ -612,8 +590,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         str(args.layer),
         "--limit-layers",
         str(args.limit_layers),
-        "--adapt",
-        args.adapt,
         "--batch-size",
         str(args.batch_size),
         "--lr",

@@ -7,11 +7,11 @@ facebook/dinov2-{small,base,large,giant} (the with-registers checkpoints have th
 parameter count adds 4 register tokens); the models are built on the meta device, so nothing is downloaded or
 allocated.
 
-Two cases: every layer adapted (`SinderConfig()`), and the layers a repair run adapts when gradients reach the
-`--limit-layers` blocks ending at each image's defective layer: from `max(0, l_min - limit + 1)` to the last layer,
-`l_min` being the earliest defective layer over the data set. `l_min` is not known before a run; it is assumed to be
-`--earliest-defective-fraction` of the depth (rounded down) and the per-layer size is printed so that any other
-assumption is one multiplication.
+Two cases: every layer adapted (`SinderConfig()`), and the layers a repair run adapts: the gradient windows of the
+defective layers it meets, i.e. the `--limit-layers` blocks ending at each, from `max(0, l - limit + 1)` to `l`
+when every image's defect is at layer `l` (the defects are input-agnostic). `l` is not known before a run; it is
+assumed to be `--earliest-defective-fraction` of the depth (rounded down), and the per-layer size is printed so that
+any other assumption (or a run whose defects move deeper, adapting more windows) is one multiplication.
 
 Finally adapters are saved for a randomly initialised ViT-S-shaped model (every layer, then the last half of the
 layers) and each `adapter_model.safetensors` is compared with the formula: the tensor bytes must match exactly; the
@@ -87,10 +87,10 @@ def adapter_bytes(layout: dict[str, Any], adapted_layers: int) -> dict[str, int]
     }
 
 
-def window_start(num_layers: int, earliest_fraction: float, limit_layers: int) -> int:
-    """First adapted block when the earliest defective layer is `floor(earliest_fraction * num_layers)`."""
-    earliest = min(num_layers - 1, int(earliest_fraction * num_layers))
-    return max(0, earliest - limit_layers + 1)
+def gradient_window(num_layers: int, earliest_fraction: float, limit_layers: int) -> tuple[int, int]:
+    """First and last block of the gradient window of a defective layer at `floor(earliest_fraction * num_layers)`."""
+    layer = min(num_layers - 1, int(earliest_fraction * num_layers))
+    return max(0, layer - limit_layers + 1), layer
 
 
 def computed_sizes(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -100,7 +100,7 @@ def computed_sizes(args: argparse.Namespace) -> list[dict[str, Any]]:
         shape = get_shape(size)
         for registers in (False, True):
             layout = adapter_layout(dinov2_config(shape, registers=registers))
-            start = window_start(layout["num_layers"], args.earliest_defective_fraction, args.limit_layers)
+            start, end = gradient_window(layout["num_layers"], args.earliest_defective_fraction, args.limit_layers)
             results.append(
                 {
                     "model": shape.registers_hub_id if registers else shape.hub_id,
@@ -111,7 +111,8 @@ def computed_sizes(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "per_layer": adapter_bytes(layout, 1),
                     "all_layers": adapter_bytes(layout, layout["num_layers"]),
                     "window_start": start,
-                    "window": adapter_bytes(layout, layout["num_layers"] - start),
+                    "window_end": end,
+                    "window": adapter_bytes(layout, end - start + 1),
                 }
             )
     return results
@@ -195,8 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "dtype": "float32 shifts and fingerprints (as saved)",
             "fingerprint_entries_per_layer": FINGERPRINT_SIZE,
             "window": (
-                f"layers max(0, l_min - {args.limit_layers - 1}) .. last, with l_min = "
-                f"floor({args.earliest_defective_fraction} * depth)"
+                f"layers max(0, l - {args.limit_layers - 1}) .. l, the gradient window of a defective layer "
+                f"l = floor({args.earliest_defective_fraction} * depth)"
             ),
         },
         "computed": computed,
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{result['all_layers']['delta_entries']:,}",
                 f"{result['all_layers']['tensor_bytes']:,}",
                 f"{result['all_layers']['tensor_bytes'] / model_bytes:.2e}",
-                f"{result['window_start']}-{result['layout']['num_layers'] - 1}",
+                f"{result['window_start']}-{result['window_end']}",
                 f"{window['tensor_bytes']:,}",
             ]
         )

@@ -13,8 +13,9 @@ Variants (same random DINOv2, same image, same defect direction):
   rebuild cost is the same. Likewise ViT-g's SwiGLU keeps `gate_proj` and `up_proj` apart where the original has one
   fused `w12` (same rebuild cost; the fused SVD gives a different parametrization, so only the first loss matches).
 * `ours`: `get_peft_model(model, SinderConfig(layers_to_transform=window))`: the factored adapter layer in the
-  window only; embeddings and the blocks below the window run under `torch.no_grad()`, the window with autograd,
-  stopping at the defective layer; one finiteness check of the shifts' gradients; SGD step.
+  window only, as in a repair run (`select_layers_to_transform`); embeddings and the blocks below the window run
+  under `torch.no_grad()`, the window with autograd, stopping at the defective layer; one finiteness check of the
+  shifts' gradients; SGD step.
 * `floor`: the plain model with everything frozen but the weights of the targeted projections in the window (the
   full `W` trains, as in ordinary fine-tuning); same step as `ours`. The reference point of issue 6: the cost of the
   window's forward and backward passes with plain linear layers.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import _get_submodules
 from torch import nn
 
 from .architectures import describe_model
@@ -118,3 +120,40 @@ class SinderModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def add_layers(self, layers: Sequence[int], adapter_name: str = "default") -> list[int]:
+        """Extend adapter `adapter_name` to more blocks, keeping the shifts it already has.
+
+        The targeted linear layers of the blocks in `layers` that the adapter does not cover yet are wrapped with a
+        zero shift (trainable when the adapter is active), and the config's `layers_to_transform` becomes the union,
+        so that `save_pretrained` and a reload see every adapted block. An adapter that covers every block
+        (`layers_to_transform=None`) is left as it is.
+
+        Returns the blocks newly adapted, sorted (empty when there was nothing to add).
+
+        Raises:
+            ValueError: for a block index the model does not have.
+        """
+        config: SinderConfig = self.peft_config[adapter_name]
+        if config.layers_to_transform is None:
+            return []
+        current = config.layers_to_transform
+        current = [current] if isinstance(current, int) else list(current)
+        new_layers = sorted(set(layers) - set(current))
+        if not new_layers:
+            return []
+        num_layers = describe_model(self.model).num_layers
+        out_of_range = [index for index in new_layers if not 0 <= index < num_layers]
+        if out_of_range:
+            raise ValueError(f"Cannot adapt blocks {out_of_range}: the model has {num_layers} layers.")
+        config.layers_to_transform = sorted({*current, *new_layers})
+        keys = [name for name, module in self.model.named_modules() if not isinstance(module, SinderLayer)]
+        for key in keys:
+            if not self._check_target_module_exists(config, key):
+                continue
+            parent, target, target_name = _get_submodules(self.model, key)
+            if isinstance(target, SinderLayer) or isinstance(parent, SinderLayer):
+                continue
+            self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
+            self.targeted_module_names.append(key)
+        return new_layers

@@ -242,7 +242,8 @@ def repair(args: RepairArguments, callbacks: Sequence[Callable[[TrainerState], N
         model = build_sinder_model(base_model, layers)
     found = sorted({layer for layer in before.first_defective_layer.tolist() if layer >= 0})
     logger.info(
-        "First defective layers on %d sample images: %s; adapting blocks %s (of %d).",
+        "First defective layers on %d sample images: %s; adapting blocks %s (of %d; more if training finds "
+        "defects elsewhere).",
         len(sample_paths),
         found or "none",
         layers,
@@ -258,7 +259,7 @@ def repair(args: RepairArguments, callbacks: Sequence[Callable[[TrainerState], N
         trainer.load_checkpoint(checkpoint)
         logger.info("Resuming from %s at step %d.", checkpoint, trainer.state.step)
     state = trainer.train(dataset)
-    accelerator.end_training()
+    layers = list(model.peft_config["default"].layers_to_transform)  # with the blocks adapted during training
 
     report: dict[str, Any] = {}
     if accelerator.is_main_process and state.stop_reason != "interrupted":
@@ -272,10 +273,12 @@ def repair(args: RepairArguments, callbacks: Sequence[Callable[[TrainerState], N
             report_paths=sample_paths[: args.report_images],
             layers=layers,
             state=state,
+            processes=accelerator.num_processes,
             resolution=resolution,
             normalization=normalization,
         )
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the trackers and, with several processes, the process group: last
     return RepairResult(output_dir=output_dir, report=report, state=state)
 
 
@@ -301,6 +304,7 @@ def _export(
     report_paths: list[str],
     layers: list[int],
     state: TrainerState,
+    processes: int,
     resolution: int,
     normalization: ImageNormalization,
 ) -> dict[str, Any]:
@@ -330,6 +334,7 @@ def _export(
         "resolution": resolution,
         "layers_adapted": layers,
         "training": asdict(training),
+        "processes": processes,
         "steps": state.step,
         "images_seen": state.images_seen,
         "images_skipped": state.images_skipped,

@@ -16,6 +16,10 @@ Per batch (METHOD.md §2-4):
    every step, whether or not it had a defective image, so no process can hang), divided by the number of
    defective images of the step; a NaN or inf loss or gradient skips the step everywhere. SGD with momentum.
 
+The adapter covers only the blocks of the gradient windows met so far: between steps 1 and 2, the blocks of every
+process's windows are agreed on (a second, tiny collective per step) and any not yet adapted get the adapter, with
+zero shifts (see `SinderTrainer.adapt_window_blocks`).
+
 Only the shifts `delta` of the SINDER adapter train. Defect directions are computed once, from the base weights.
 
 Mixed precision: with an `Accelerator(mixed_precision="bf16")` (`accelerate launch --mixed_precision bf16`, or
@@ -171,19 +175,38 @@ class StepOutput:
     defective_layers: list[int]
 
 
-def select_layers_to_transform(first_defective_layers: Sequence[int], num_layers: int, limit_layers: int) -> list[int]:
-    """Return the blocks worth adapting: from the earliest gradient window start to the last block.
+@dataclass
+class DefectSearch:
+    """What the no-grad pass (step 1) found in one batch.
 
-    A block below `min(first defective layer) − limit_layers + 1` can never receive a gradient at the start of
-    training, and the first defective layer only moves deeper as earlier defects are repaired, so those blocks are
-    left unadapted (no SVD, no memory, no time). Blocks after the deepest layer seen are kept, since defects may
-    surface there once earlier ones are gone. With no defective layer found, every block is adapted.
+    Attributes:
+        layers: each image's defective layer (−1 for none), in batch order.
+        masks: per defective image, its defect-token mask [H, W] at that layer.
+        cosines: per defective image, its |cos| map [H, W] at that layer.
+        block_inputs: per block reached, the batch's input to it where a gradient window may start, else None.
+        grid: the patch grid (H, W).
+    """
+
+    layers: list[int]
+    masks: dict[int, torch.Tensor]
+    cosines: dict[int, torch.Tensor]
+    block_inputs: list[torch.Tensor | None]
+    grid: tuple[int, int]
+
+
+def select_layers_to_transform(first_defective_layers: Sequence[int], num_layers: int, limit_layers: int) -> list[int]:
+    """Return the blocks to adapt before training: those of the gradient windows of the defective layers found.
+
+    A block outside every window receives no gradient, so it is left unadapted (no SVD, no memory, no time). When
+    training meets a defective layer whose window reaches other blocks (an image unlike the sample, or a defect
+    surfacing deeper once earlier ones are repaired), `SinderTrainer.adapt_window_blocks` adapts them then. With
+    no defective layer found, every block is adapted.
     """
     found = [layer for layer in first_defective_layers if layer >= 0]
     if not found:
         return list(range(num_layers))
-    start = max(0, min(found) - limit_layers + 1)
-    return list(range(start, num_layers))
+    blocks = {block for layer in found for block in range(max(0, layer - limit_layers + 1), layer + 1)}
+    return sorted(blocks)
 
 
 class SinderTrainer:
@@ -233,7 +256,16 @@ class SinderTrainer:
     # ------------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, pixel_values: torch.Tensor) -> StepOutput:
-        """Run steps 1 and 2 of the module docstring on one batch and return the summed loss of its images."""
+        """Run steps 1 and 2 of the module docstring on one batch and return the summed loss of its images.
+
+        Only adapted blocks receive gradients: `training_step` first adapts the blocks of every gradient window (on
+        all processes alike); called alone, this uses the blocks adapted so far.
+        """
+        return self.window_loss(pixel_values, self.find_defective_layers(pixel_values))
+
+    def find_defective_layers(self, pixel_values: torch.Tensor) -> DefectSearch:
+        """Step 1 of the module docstring: the no-grad pass that finds each image's defective layer, stopping as
+        soon as every image has one, and keeps the block inputs the gradient windows start from."""
         args = self.args
         batch = pixel_values.shape[0]
         patch = self.description.patch_size
@@ -265,14 +297,20 @@ class SinderTrainer:
                         layers[image], masks[image], cosines[image] = index, layer_masks[image], layer_cosines[image]
                 if all(layer >= 0 for layer in layers):
                     break
+        return DefectSearch(layers, masks, cosines, block_inputs, (height, width))
 
-        defective = [image for image in range(batch) if layers[image] >= 0]
+    def window_loss(self, pixel_values: torch.Tensor, search: DefectSearch) -> StepOutput:
+        """Step 2 of the module docstring: the autograd pass over each defective image's gradient window, and the
+        summed loss of those images (None when the batch has none)."""
+        layers = search.layers
+        defective = [image for image in range(len(layers)) if layers[image] >= 0]
         if not defective:
             return StepOutput(loss_sum=None, num_defective=0, defective_layers=layers)
 
         # Each image enters the autograd pass at its own window start, from the input cached above, and leaves at
         # its defective layer; blocks outside every window are not run again at all.
-        starts = {image: max(0, layers[image] - args.limit_layers + 1) for image in defective}
+        height, width = search.grid
+        starts = {image: max(0, layers[image] - self.args.limit_layers + 1) for image in defective}
         first, last = min(starts.values()), max(layers[image] for image in defective)
         references = self._reference_tokens(pixel_values, defective, layers, height, width)
         losses: list[torch.Tensor] = []
@@ -281,7 +319,7 @@ class SinderTrainer:
         for index in range(first, last + 1):
             entering = [image for image in defective if starts[image] == index]
             if entering:
-                entered = block_inputs[index][entering]
+                entered = search.block_inputs[index][entering]
                 hidden = entered if hidden is None else torch.cat([hidden, entered])
                 active += entering
             if not active:
@@ -291,11 +329,42 @@ class SinderTrainer:
             if finished:
                 tokens = patch_grid(hidden[finished], self.description, height, width)
                 images = [active[position] for position in finished]
-                losses.append(self._image_losses(tokens, images, masks, cosines, references).sum())
+                losses.append(self._image_losses(tokens, images, search.masks, search.cosines, references).sum())
                 keep = [position for position, image in enumerate(active) if layers[image] != index]
                 active = [active[position] for position in keep]
                 hidden = hidden[keep] if keep else None
         return StepOutput(loss_sum=torch.stack(losses).sum(), num_defective=len(defective), defective_layers=layers)
+
+    def adapt_window_blocks(self, defective_layers: Sequence[int]) -> list[int]:
+        """Make sure every block of the gradient windows of `defective_layers` carries the adapter, on all processes.
+
+        The blocks this process needs are summed over all processes (a small collective made on every step, by
+        every process), so all processes adapt the same blocks and keep the same trainable parameters. Newly
+        adapted blocks start from zero shifts, which is what an adapted block that never received a gradient holds,
+        so adapting on demand trains exactly what adapting every block up front would, without holding singular
+        factors for blocks no defect reaches. The optimizer is rebuilt over the parameters in model order, with the
+        momentum of the existing ones kept.
+
+        Returns the blocks newly adapted (empty almost always).
+        """
+        needed = torch.zeros(self.description.num_layers, device=self.accelerator.device)
+        for layer in defective_layers:
+            if layer >= 0:
+                needed[max(0, layer - self.args.limit_layers + 1) : layer + 1] = 1
+        needed = self.accelerator.reduce(needed, reduction="sum")
+        blocks = [index for index, count in enumerate(needed.tolist()) if count > 0]
+        added = self.model.base_model.add_layers(blocks, adapter_name=self.model.active_adapter)
+        if added:
+            momentum = {parameter: self.optimizer.state[parameter] for parameter in self.optimizer.state}
+            self.parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+            self.optimizer = torch.optim.SGD(self.parameters, lr=self.args.lr, momentum=self.args.momentum)
+            self.optimizer.state.update(momentum)
+            logger.info(
+                "Defects reached blocks %s: adapting them (adapted blocks now %s).",
+                added,
+                self.model.peft_config[self.model.active_adapter].layers_to_transform,
+            )
+        return added
 
     def _run(self, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """Return `module(inputs)` (the embeddings or one block) computed under the accelerator's autocast.
@@ -388,8 +457,13 @@ class SinderTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         device = self.accelerator.device
         output = StepOutput(loss_sum=None, num_defective=0, defective_layers=[])
+        search = None
         if pixel_values is not None:
-            output = self.compute_loss(pixel_values.to(device=device, dtype=next(self.backbone.parameters()).dtype))
+            pixel_values = pixel_values.to(device=device, dtype=next(self.backbone.parameters()).dtype)
+            search = self.find_defective_layers(pixel_values)
+        self.adapt_window_blocks(search.layers if search is not None else [])
+        if search is not None:
+            output = self.window_loss(pixel_values, search)
         loss_value = 0.0
         if output.loss_sum is not None:
             loss_value = float(output.loss_sum.detach())

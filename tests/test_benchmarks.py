@@ -156,7 +156,9 @@ def test_adapter_size_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert computed["facebook/dinov2-with-registers-giant"]["all_layers"] == giant["all_layers"]
     registers_extra = computed["facebook/dinov2-with-registers-giant"]["layout"]["model_parameters"]
     assert registers_extra - giant["layout"]["model_parameters"] == 4 * 1536
-    assert giant["window"]["adapted_layers"] == 40 - giant["window_start"] < 40
+    # window case (--quick: 2 blocks with gradients): the gradient window of a defective layer at half the depth
+    assert (giant["window_start"], giant["window_end"]) == (19, 20)
+    assert giant["window"]["adapted_layers"] == 2
     # the saved files hold exactly the bytes of the formula, plus a header
     assert [check["case"] for check in result["saved"]] == ["all_layers", "last_half"]
     for check in result["saved"]:

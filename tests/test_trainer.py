@@ -54,9 +54,58 @@ def deltas(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_select_layers_to_transform() -> None:
-    assert select_layers_to_transform([12, 15, -1], 24, 10) == list(range(3, 24))
-    assert select_layers_to_transform([2], 6, 10) == list(range(6))
+    assert select_layers_to_transform([12, 15, -1], 24, 10) == list(range(3, 16))
+    assert select_layers_to_transform([2], 6, 10) == [0, 1, 2]
+    assert select_layers_to_transform([3, 20, 20], 24, 2) == [2, 3, 19, 20]
     assert select_layers_to_transform([-1, -1], 4, 10) == [0, 1, 2, 3]
+
+
+def test_blocks_are_adapted_when_a_gradient_window_reaches_them(tmp_path: Path) -> None:
+    """The demo's defect is at layer 2: a trainer that starts with blocks 4-5 adapted must adapt blocks 1-2 (window
+    of 2) before the autograd pass, and then train exactly what a trainer with every block adapted trains."""
+    pixel_values = demo_batch(2)
+    grown = make_trainer(tmp_path / "grown", layers=[4, 5], limit_layers=2)
+    full = make_trainer(tmp_path / "full", layers=list(range(6)), limit_layers=2)
+
+    def shifts(trainer: SinderTrainer) -> dict[str, torch.Tensor]:
+        return {
+            name: parameter.detach().clone()
+            for name, parameter in trainer.model.named_parameters()
+            if ".sinder_delta." in name
+        }
+
+    for step in range(2):
+        grown_result, full_result = grown.training_step(pixel_values), full.training_step(pixel_values)
+        assert grown_result["defective"] == full_result["defective"] == 2
+        assert grown_result["loss"] == pytest.approx(full_result["loss"], rel=1e-6)
+        if step == 0:
+            checkpoint = grown.save_checkpoint()
+    assert grown.model.peft_config["default"].layers_to_transform == [1, 2, 4, 5]
+    grown_shifts, full_shifts = shifts(grown), shifts(full)
+    assert set(grown_shifts) < set(full_shifts)
+    trained_blocks = set()
+    for name, value in grown_shifts.items():
+        torch.testing.assert_close(value, full_shifts[name], rtol=0, atol=1e-7)
+        if bool(value.abs().sum() > 0):
+            trained_blocks.add(int(name.split(".layer.")[1].split(".")[0]))
+    assert trained_blocks == {1, 2}
+
+    # the checkpoint taken after the growth resumes into the same second step (adapter layers and momentum)
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(build_demo_model(), checkpoint / "adapter", is_trainable=True)
+    assert model.peft_config["default"].layers_to_transform == [1, 2, 4, 5]
+    resumed = SinderTrainer(
+        model,
+        compute_directions(build_demo_model()),
+        TrainingArguments(save_every=0, limit_layers=2),
+        Accelerator(cpu=True),
+        tmp_path / "resumed",
+    )
+    resumed.load_checkpoint(checkpoint)
+    resumed.training_step(pixel_values)
+    for name, value in shifts(resumed).items():
+        torch.testing.assert_close(value, grown_shifts[name], rtol=0, atol=1e-7)
 
 
 def test_end_to_end_demo_repair(tmp_path: Path) -> None:
@@ -257,6 +306,18 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path: Path, case: str, me
     assert not output_dir.exists()
 
 
+def launch_two_processes(command: list[str]) -> subprocess.CompletedProcess:
+    """Run `command` (a script and its arguments) in two processes on the CPU, as `accelerate launch --multi_gpu`
+    does on two GPUs: `torch.distributed.run` starts them, `ACCELERATE_USE_CPU` makes Accelerate use gloo."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*launcher, *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=environment
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_two_processes_with_an_image_free_of_defects(tmp_path: Path) -> None:
     """Two processes (gloo on CPU); one image has no defect, so some steps have one process without a defective
     image: the run must neither hang nor diverge between processes."""
@@ -265,35 +326,10 @@ def test_two_processes_with_an_image_free_of_defects(tmp_path: Path) -> None:
     shutil.copy(demo_image_paths()[0], data / "spots.png")
     Image.new("RGB", (224, 224), (60, 90, 120)).save(data / "plain.png")
     output_dir = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--cpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "examples/repair.py",
-        "--data",
-        str(data),
-        "--output-dir",
-        str(output_dir),
-        "--lr",
-        "0.0005",
-        "--max-steps",
-        "4",
-        "--stop-window",
-        "1000",
-    ]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=environment)
-    assert result.returncode == 0, result.stderr[-3000:]
+    arguments = ["--data", str(data), "--output-dir", str(output_dir), "--lr", "0.0005", "--max-steps", "4"]
+    launch_two_processes(["examples/repair.py", *arguments, "--stop-window", "1000"])
     report = json.loads((output_dir / "report.json").read_text())
+    assert report["processes"] == 2
     assert report["steps"] == 4
     # 2 images per step (one per process), one of them without defect: half the images are skipped
     assert report["images_seen"] == 8 and report["images_skipped"] == 4
@@ -312,6 +348,56 @@ def test_two_processes_with_an_image_free_of_defects(tmp_path: Path) -> None:
     assert any(value.abs().max() > 0 for value in one_process.values())
     for key, value in one_process.items():
         assert torch.allclose(two_processes[key], value, rtol=1e-4, atol=1e-7), key
+
+
+def test_two_processes_adapt_the_same_blocks(tmp_path: Path) -> None:
+    """Blocks are adapted on demand in step with every process: process 0 has a defective image whose gradient
+    window (blocks 1-2) is not adapted yet, process 1 has an image free of defects. Both must adapt blocks 1-2 before
+    the autograd pass and end with the shifts of one process training on the defective image alone."""
+    (tmp_path / "plain").mkdir()
+    script = tmp_path / "grow.py"
+    script.write_text(
+        f"""
+import sys, torch
+from accelerate import Accelerator
+from PIL import Image
+sys.path.insert(0, {str(REPO_ROOT / "tests")!r})
+from test_trainer import demo_batch
+from sinder_peft.data import build_dataset, collate_images
+from sinder_peft.demo import build_demo_model
+from sinder_peft.trainer import SinderTrainer, TrainingArguments, build_sinder_model, compute_directions
+
+accelerator = Accelerator()
+assert accelerator.num_processes == 2
+base = build_demo_model()
+model = build_sinder_model(base, [4, 5])
+arguments = TrainingArguments(save_every=0, limit_layers=2)
+trainer = SinderTrainer(model, compute_directions(base), arguments, accelerator, {str(tmp_path)!r})
+if accelerator.process_index == 0:
+    batch = demo_batch(1)
+else:
+    Image.new("RGB", (224, 224), (60, 90, 120)).save({str(tmp_path / "plain" / "plain.png")!r})
+    batch = collate_images([build_dataset({str(tmp_path / "plain")!r}, 224, 14)[0]])["pixel_values"]
+for _ in range(2):
+    result = trainer.training_step(batch)
+    assert result["images"] == 2 and result["defective"] == 1, result
+shifts = {{n: p.detach() for n, p in model.named_parameters() if ".sinder_delta." in n}}
+layers = model.peft_config["default"].layers_to_transform
+torch.save((layers, shifts), {str(tmp_path)!r} + f"/rank{{accelerator.process_index}}.pt")
+"""
+    )
+    launch_two_processes([str(script)])
+
+    single = make_trainer(tmp_path, layers=list(range(6)), limit_layers=2)
+    for _ in range(2):
+        single.training_step(demo_batch(1))
+    expected = {name: p.detach() for name, p in single.model.named_parameters() if ".sinder_delta." in name}
+    for rank in (0, 1):
+        layers, shifts = torch.load(tmp_path / f"rank{rank}.pt")
+        assert layers == [1, 2, 4, 5]
+        assert any(value.abs().max() > 0 for value in shifts.values())
+        for name, value in shifts.items():
+            torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-8)
 
 
 def test_resume_of_missing_checkpoint_fails(tmp_path: Path) -> None:

@@ -164,6 +164,36 @@ def test_layers_to_transform_restricts_layers() -> None:
     assert layers == {"1", "2"}
 
 
+def test_add_layers_extends_an_adapter_and_keeps_its_shifts(tmp_path: Path, pixel_values: torch.Tensor) -> None:
+    peft_model = get_peft_model(tiny_dinov2("swiglu"), SinderConfig(layers_to_transform=[1]))
+    with torch.no_grad():
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.uniform_(-0.05, 0.05)
+    trained = {name: p.detach().clone() for name, p in peft_model.named_parameters() if p.requires_grad}
+    before = peft_model(pixel_values=pixel_values).last_hidden_state.detach()
+
+    assert peft_model.base_model.add_layers([0, 1]) == [0]
+    assert peft_model.base_model.add_layers([1]) == []
+    assert peft_model.peft_config["default"].layers_to_transform == [0, 1]
+    shifts = {name: p for name, p in peft_model.named_parameters() if ".sinder_delta." in name}
+    assert all(parameter.requires_grad for parameter in shifts.values())
+    assert len(shifts) == 2 * 5  # v, o, gate, up, down in blocks 0 and 1
+    for name, parameter in shifts.items():
+        expected = trained.get(name, torch.zeros_like(parameter))
+        assert torch.equal(parameter.detach(), expected), name
+    after = peft_model(pixel_values=pixel_values).last_hidden_state.detach()
+    assert (after - before).abs().max() < 1e-5  # a new block at zero shift changes nothing
+
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_dinov2("swiglu"), tmp_path / "adapter")
+    assert reloaded.peft_config["default"].layers_to_transform == [0, 1]
+    output = reloaded(pixel_values=pixel_values).last_hidden_state.detach()
+    assert (output - after).abs().max() < 1e-5
+    with pytest.raises(ValueError, match=r"Cannot adapt blocks \[7\]: the model has 3 layers"):
+        peft_model.base_model.add_layers([7])
+
+
 def test_bad_targets_give_clear_errors() -> None:
     with pytest.raises(ValueError, match=r"\['value'\] were not found.*Linear modules found: .*'v_proj'"):
         get_peft_model(tiny_dinov2("gelu"), SinderConfig(target_modules=["v_proj", "value"]))

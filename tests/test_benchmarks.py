@@ -215,3 +215,21 @@ def test_scaling_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert module.operator_category("aten::add_") == "elementwise"
     assert module.operator_category("aten::native_layer_norm") == "elementwise"
     assert module.operator_category("aten::view") == "other"
+
+
+def test_injection_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_benchmark("bench_injection", monkeypatch)
+    output = tmp_path / "injection.json"
+    module.main(["--quick", "--threads", "1", "--output", str(output)])
+    result = read_json(output)
+    # the tiny GELU block: v, o (64 x 64), fc1 (256 x 64, tall), fc2 (64 x 256, wide: factored through its transpose)
+    shapes = {path: tuple(entry["shape"]) for path, entry in result["projections"].items()}
+    assert shapes == {
+        "attention.v_proj": (64, 64),
+        "attention.o_proj": (64, 64),
+        "mlp.fc1": (256, 64),
+        "mlp.fc2": (64, 256),
+    }
+    for entry in result["projections"].values():
+        assert entry["reconstruction_relative_error"] < 1e-6
+    assert result["window_s"]["adapter"] == pytest.approx(10 * result["per_block_s"]["adapter"])

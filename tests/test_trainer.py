@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from conftest import REPO_ROOT, run_python
+from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -91,8 +92,6 @@ def test_blocks_are_adapted_when_a_gradient_window_reaches_them(tmp_path: Path) 
     assert trained_blocks == {1, 2}
 
     # the checkpoint taken after the growth resumes into the same second step (adapter layers and momentum)
-    from peft import PeftModel
-
     model = PeftModel.from_pretrained(build_demo_model(), checkpoint / "adapter", is_trainable=True)
     assert model.peft_config["default"].layers_to_transform == [1, 2, 4, 5]
     resumed = SinderTrainer(

@@ -49,6 +49,7 @@ from transformers import Dinov2Model, Dinov2WithRegistersModel
 from sinder_peft import SinderConfig
 from sinder_peft.architectures import describe_config
 from sinder_peft.layer import FINGERPRINT_TOP_VALUES
+from sinder_peft.trainer import gradient_window
 
 FLOAT32_BYTES = 4
 FINGERPRINT_SIZE = FINGERPRINT_TOP_VALUES + 1
@@ -87,10 +88,10 @@ def adapter_bytes(layout: dict[str, Any], adapted_layers: int) -> dict[str, int]
     }
 
 
-def gradient_window(num_layers: int, earliest_fraction: float, limit_layers: int) -> tuple[int, int]:
+def assumed_window(num_layers: int, earliest_fraction: float, limit_layers: int) -> tuple[int, int]:
     """First and last block of the gradient window of a defective layer at `floor(earliest_fraction * num_layers)`."""
-    layer = min(num_layers - 1, int(earliest_fraction * num_layers))
-    return max(0, layer - limit_layers + 1), layer
+    window = gradient_window(min(num_layers - 1, int(earliest_fraction * num_layers)), limit_layers)
+    return window.start, window.stop - 1
 
 
 def computed_sizes(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -100,7 +101,7 @@ def computed_sizes(args: argparse.Namespace) -> list[dict[str, Any]]:
         shape = get_shape(size)
         for registers in (False, True):
             layout = adapter_layout(dinov2_config(shape, registers=registers))
-            start, end = gradient_window(layout["num_layers"], args.earliest_defective_fraction, args.limit_layers)
+            start, end = assumed_window(layout["num_layers"], args.earliest_defective_fraction, args.limit_layers)
             results.append(
                 {
                     "model": shape.registers_hub_id if registers else shape.hub_id,

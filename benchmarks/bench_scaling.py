@@ -51,16 +51,14 @@ from bench_train_step import (
     build_variant,
     make_inputs,
     resolve_step_arguments,
+    start_step_benchmark,
 )
 from common import (
     PATCH_SIZE,
     PeakMemory,
     add_threads_argument,
-    apply_threads,
     current_rss_bytes,
     format_table,
-    get_shape,
-    machine_description,
     mebibytes,
     summarize_times,
     synchronize,
@@ -495,17 +493,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark (or, with `--only-config`, one configuration), print its tables, write the JSON, return
     it."""
     args = parse_args(argv)
-    apply_threads(args.threads)
-    torch.set_float32_matmul_precision(args.matmul_precision)
-    shape = get_shape(args.model_size)
-    payload: dict[str, Any] = {
-        "benchmark": "scaling",
-        "args": {key: value for key, value in vars(args).items() if key != "argv"},
-        "machine": machine_description(args.device),
-        "model": shape.name if args.num_layers is None else f"{shape.name} ({args.num_layers} blocks)",
-        "window": [max(0, args.layer - args.limit_layers + 1), args.layer],
-        "categories": list(CATEGORIES),
-    }
+    payload = start_step_benchmark(args, "scaling", internal="argv")
+    payload["categories"] = list(CATEGORIES)
     if args.only_config is not None:
         payload["configurations"] = measure_in_process(args, [tuple(args.only_config)])
         write_json(args.output, payload)

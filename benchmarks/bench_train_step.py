@@ -79,6 +79,7 @@ import sinder_peft
 from sinder_peft import SinderConfig
 from sinder_peft.architectures import describe_config, get_blocks, unwrap_backbone
 from sinder_peft.loss import smooth_neighbourhood_loss
+from sinder_peft.trainer import gradient_window
 
 VARIANTS: tuple[str, ...] = ("original", "ours", "floor")
 NUM_DEFECT_TOKENS = 3
@@ -175,7 +176,7 @@ class TrainingStep:
         # On the CPU, so that a GPU variant's measured memory does not hold this copy.
         self.initial = [parameter.detach().to("cpu", copy=True) for parameter in parameters] if keep_initial else None
         self.layer = args.layer
-        self.first = max(0, args.layer - args.limit_layers + 1)
+        self.first = gradient_window(args.layer, args.limit_layers).start
         self.bf16 = args.bf16
 
     @property
@@ -268,7 +269,7 @@ def build_original(model: nn.Module, args: argparse.Namespace, keep_initial: boo
 
 def build_ours(model: nn.Module, args: argparse.Namespace, keep_initial: bool) -> TrainingStep:
     """Return sinder-peft's step: the adapter on the window's blocks only (see the module docstring)."""
-    window = list(range(max(0, args.layer - args.limit_layers + 1), args.layer + 1))
+    window = list(gradient_window(args.layer, args.limit_layers))
     peft_model = get_peft_model(model, SinderConfig(layers_to_transform=window))
     parameters = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
     return WindowedStep(peft_model, parameters, args, keep_initial)
@@ -277,10 +278,9 @@ def build_ours(model: nn.Module, args: argparse.Namespace, keep_initial: bool) -
 def build_floor(model: nn.Module, args: argparse.Namespace, keep_initial: bool) -> TrainingStep:
     """Return the floor: plain model, only the full weights of the window's targeted projections train."""
     backbone = unwrap_backbone(model).requires_grad_(False)
-    first = max(0, args.layer - args.limit_layers + 1)
     parameters = [
         block.get_submodule(path).weight.requires_grad_(True)
-        for block in get_blocks(backbone)[first : args.layer + 1]
+        for block in get_blocks(backbone)[gradient_window(args.layer, args.limit_layers).start : args.layer + 1]
         for path in _block_target_paths(backbone.config)
     ]
     return WindowedStep(backbone, parameters, args, keep_initial)
@@ -550,6 +550,23 @@ def resolve_step_arguments(args: argparse.Namespace) -> None:
         args.matmul_precision = "high" if args.device.startswith("cuda") else "highest"
 
 
+def start_step_benchmark(args: argparse.Namespace, benchmark: str, internal: str) -> dict[str, Any]:
+    """Apply `--threads` and `--matmul-precision` and return the start of a step benchmark's JSON payload (shared
+    with `bench_scaling.py`): its name, the arguments (without the bookkeeping entry `internal`), the machine, the
+    model and the gradient window."""
+    apply_threads(args.threads)
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    shape = get_shape(args.model_size)
+    window = gradient_window(args.layer, args.limit_layers)
+    return {
+        "benchmark": benchmark,
+        "args": {key: value for key, value in vars(args).items() if key != internal},
+        "machine": machine_description(args.device),
+        "model": shape.name if args.num_layers is None else f"{shape.name} ({args.num_layers} blocks)",
+        "window": [window.start, window.stop - 1],
+    }
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_arguments(parser)
@@ -677,16 +694,7 @@ def _print_tables(payload: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark (or, with `--only`, one variant alone), print its tables, write the JSON, return it."""
     args = parse_args(argv)
-    apply_threads(args.threads)
-    torch.set_float32_matmul_precision(args.matmul_precision)
-    shape = get_shape(args.model_size)
-    payload: dict[str, Any] = {
-        "benchmark": "train_step",
-        "args": {key: value for key, value in vars(args).items() if key != "forwarded"},
-        "machine": machine_description(args.device),
-        "model": shape.name if args.num_layers is None else f"{shape.name} ({args.num_layers} blocks)",
-        "window": [max(0, args.layer - args.limit_layers + 1), args.layer],
-    }
+    payload = start_step_benchmark(args, "train_step", internal="forwarded")
     if args.only is not None:
         payload["runs"] = run_alone(args)
         write_json(args.output, payload)

@@ -194,6 +194,12 @@ class DefectSearch:
     grid: tuple[int, int]
 
 
+def gradient_window(defective_layer: int, limit_layers: int) -> range:
+    """Return the blocks that receive an image's gradient: the `limit_layers` blocks ending at its defective layer
+    (fewer when the layer is shallower than that)."""
+    return range(max(0, defective_layer - limit_layers + 1), defective_layer + 1)
+
+
 def select_layers_to_transform(first_defective_layers: Sequence[int], num_layers: int, limit_layers: int) -> list[int]:
     """Return the blocks to adapt before training: those of the gradient windows of the defective layers found.
 
@@ -205,7 +211,7 @@ def select_layers_to_transform(first_defective_layers: Sequence[int], num_layers
     found = [layer for layer in first_defective_layers if layer >= 0]
     if not found:
         return list(range(num_layers))
-    blocks = {block for layer in found for block in range(max(0, layer - limit_layers + 1), layer + 1)}
+    blocks = {block for layer in found for block in gradient_window(layer, limit_layers)}
     return sorted(blocks)
 
 
@@ -282,9 +288,9 @@ class SinderTrainer:
                 block_inputs.append(hidden)
                 # Keep only the inputs a gradient window can still start from: those of the windows of images
                 # already assigned, and of windows ending at this layer or later.
-                starts = [max(0, layer - args.limit_layers + 1) for layer in layers if layer >= 0]
-                needed_from = min([*starts, index - args.limit_layers + 1])
-                for stale in range(max(0, needed_from)):
+                starts = [gradient_window(layer, args.limit_layers).start for layer in layers if layer >= 0]
+                needed_from = min([*starts, gradient_window(index, args.limit_layers).start])
+                for stale in range(needed_from):
                     block_inputs[stale] = None
                 hidden = self._run(block, hidden)
                 layer_cosines = direction_cosines(
@@ -310,7 +316,7 @@ class SinderTrainer:
         # Each image enters the autograd pass at its own window start, from the input cached above, and leaves at
         # its defective layer; blocks outside every window are not run again at all.
         height, width = search.grid
-        starts = {image: max(0, layers[image] - self.args.limit_layers + 1) for image in defective}
+        starts = {image: gradient_window(layers[image], self.args.limit_layers).start for image in defective}
         first, last = min(starts.values()), max(layers[image] for image in defective)
         references = self._reference_tokens(pixel_values, defective, layers, height, width)
         losses: list[torch.Tensor] = []
@@ -350,7 +356,8 @@ class SinderTrainer:
         needed = torch.zeros(self.description.num_layers, device=self.accelerator.device)
         for layer in defective_layers:
             if layer >= 0:
-                needed[max(0, layer - self.args.limit_layers + 1) : layer + 1] = 1
+                window = gradient_window(layer, self.args.limit_layers)
+                needed[window.start : window.stop] = 1
         needed = self.accelerator.reduce(needed, reduction="sum")
         blocks = [index for index, count in enumerate(needed.tolist()) if count > 0]
         added = self.model.base_model.add_layers(blocks, adapter_name=self.model.active_adapter)

@@ -1,28 +1,34 @@
-"""Images for diagnosis and repair: one preprocessing function and the datasets built on it.
+"""Images for diagnosis and repair: one preprocessing function, the datasets built on it, and how a repair reads them.
 
 Every image goes through `prepare_image`: resize so the short side is `resolution` (bicubic, antialiased, as
 torchvision's `Resize` does on PIL images), centre-crop to whole patches, normalize. The datasets yield
-`{"pixel_values": Tensor[3, H, W], "path": str}` and `collate_images` stacks them.
+`{"pixel_values": Tensor[3, H, W], "path": str, "index": int}` and `collate_images` stacks them into an `ImageBatch`.
 
-Unreadable files never stop a run. `ImageFolderDataset` checks every file with Pillow's `verify` when it scans the
-folder (the header and, for PNG, the chunk checksums; no pixel is decoded, so this stays cheap for large folders) and
-leaves out those that fail; a file that passes that check but fails to decode later (a truncated JPEG, say) makes
-`__getitem__` return `None`, and `collate_images` drops it. Both are logged as warnings and counted in
-`num_unreadable` (counts made inside DataLoader worker processes stay in those processes).
+Datasets are lazy: an image folder is listed, never opened, when the dataset is built (`list_image_files`), so a
+1.28-million-file ImageNet tree costs its listing, not 1.28 million reads. A file that cannot be used (not an image,
+truncated, too small) is found when it is first read: its item is an `UnreadableImage`, which `collate_images` sets
+aside, and `UnreadableImageLog` warns about once and counts (the repair reports the count as `images_unreadable`).
+
+A repair reads its data in two ways: `selection_sample`, a few images spread evenly over the whole dataset to choose
+the blocks to adapt, and `epoch_batches`, the training batches of one process: each process reads only its own,
+disjoint share of every epoch (`process_share`, or `datasets.distributed.split_dataset_by_node` for a stream).
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
+import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 
 from .loading import ImageNormalization, looks_like_hub_id
 
@@ -162,8 +168,18 @@ def load_image(path: str | Path) -> Image.Image:
         raise ValueError(f"Cannot read the image {str(path)!r}: {error}") from error
 
 
-def find_image_files(root: str | Path) -> list[Path]:
-    """Return the image files (jpg, jpeg, png, webp, any case) under `root`, recursively, in sorted order.
+def _sort_key(relative: str) -> list[str]:
+    """Sort key of a relative path: component by component, as sorting `Path` objects does."""
+    return relative.split(os.sep)
+
+
+def list_image_files(root: str | Path) -> list[str]:
+    """Return the paths, relative to `root`, of the image files (jpg, jpeg, png, webp, any case) under `root`,
+    recursively, in sorted order (component by component).
+
+    No file is opened or even `stat`-ed: the walk reads directory entries only (`os.scandir`, whose entry types come
+    with the listing on common file systems), so listing an ImageNet-sized tree of 1.28 million files takes seconds
+    (`benchmarks/bench_listing.py`). Symbolic links to files are followed, to directories not.
 
     Raises:
         FileNotFoundError: if `root` does not exist.
@@ -174,18 +190,65 @@ def find_image_files(root: str | Path) -> list[Path]:
         raise FileNotFoundError(f"The image folder {str(root)!r} does not exist.")
     if not root.is_dir():
         raise NotADirectoryError(f"{str(root)!r} is a file, not a folder of images.")
-    return sorted(path for path in root.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS)
+    found: list[str] = []
+    pending = [""]
+    while pending:
+        relative_directory = pending.pop()
+        with os.scandir(root / relative_directory if relative_directory else root) as entries:
+            for entry in entries:
+                relative = os.path.join(relative_directory, entry.name) if relative_directory else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(relative)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    found.append(relative)
+    found.sort(key=_sort_key)
+    return found
+
+
+def find_image_files(root: str | Path) -> list[Path]:
+    """Return the image files under `root` as full paths, in the order of `list_image_files`.
+
+    Raises:
+        FileNotFoundError: if `root` does not exist.
+        NotADirectoryError: if `root` is a file.
+    """
+    root = Path(root).expanduser()
+    return [root / relative for relative in list_image_files(root)]
+
+
+@dataclass(frozen=True)
+class UnreadableImage:
+    """What a dataset returns in place of an image it could not use.
+
+    Attributes:
+        name: the image's path (folders) or `SOURCE:SPLIT:INDEX` (🤗 datasets).
+        index: its position in the dataset (in this process's stream for a streamed dataset).
+        reason: why it could not be used (not an image, truncated, too small...).
+    """
+
+    name: str
+    index: int
+    reason: str
+
+
+def _file_array(files: Sequence[str | Path]) -> np.ndarray:
+    """Return file paths as one numpy array of bytes.
+
+    A list of a million `str` or `Path` objects is a million Python objects, whose reference counts DataLoader worker
+    processes write to, copying the pages that hold them into every worker; one numpy buffer is shared as it is.
+    """
+    return np.array([os.fsencode(file) for file in files], dtype=np.bytes_)
 
 
 class ImageFileDataset(Dataset):
-    """A map-style dataset over a list of image files; items are `{"pixel_values", "path"}` or `None`.
+    """A map-style dataset over a list of image files; items are `{"pixel_values", "path", "index"}`.
 
-    Files that fail Pillow's `verify` are left out when the dataset is built; a file that fails to decode (or is too
-    small) when its item is read gives `None` (drop it with `collate_images`). Both are logged and counted in
-    `num_unreadable`.
+    Building the dataset opens no file: a file is read when its item is, and a file that cannot be used then (not an
+    image, truncated, too small for 3x3 patches) gives an `UnreadableImage` instead of an item. `collate_images`
+    collects those, and the repair counts them and warns once per file (`UnreadableImageLog`).
 
     Raises:
-        ValueError: if no file is a readable image.
+        ValueError: if `files` is empty.
     """
 
     def __init__(
@@ -197,53 +260,42 @@ class ImageFileDataset(Dataset):
         *,
         square: bool = True,
     ) -> None:
+        if len(files) == 0:
+            raise ValueError("No image file given.")
         self.resolution = resolution
         self.patch_size = patch_size
         self.normalization = normalization or ImageNormalization()
         self.square = square
-        self.unreadable_files: list[Path] = []
-        self.files: list[Path] = []
-        for file in map(Path, files):
-            try:
-                with Image.open(file) as image:
-                    image.verify()
-            except _IMAGE_ERRORS as error:
-                logger.warning("Skipping %s: not a readable image (%s).", file, error)
-                self.unreadable_files.append(file)
-            else:
-                self.files.append(file)
-        if not self.files:
-            raise ValueError(f"None of the {len(files)} files given is a readable image.")
-
-    @property
-    def num_unreadable(self) -> int:
-        """Number of files skipped so far: not images at all, or failing to decode when read."""
-        return len(self.unreadable_files)
+        self._files = _file_array(files)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self._files)
 
-    def __getitem__(self, index: int) -> ImageItem | None:
-        path = self.files[index]
+    def file(self, index: int) -> Path:
+        """Return the path of item `index`, without opening it."""
+        return Path(os.fsdecode(self._files[index]))
+
+    def __getitem__(self, index: int) -> ImageItem | UnreadableImage:
+        path = self.file(index)
         try:
             pixel_values = prepare_image(
                 load_image(path), self.resolution, self.patch_size, self.normalization, square=self.square
             )
         except (FileNotFoundError, ValueError) as error:
-            logger.warning("Skipping %s: %s", path, error)
-            if path not in self.unreadable_files:
-                self.unreadable_files.append(path)
-            return None
-        return {"pixel_values": pixel_values, "path": str(path)}
+            logger.debug("Cannot use %s: %s", path, error)
+            return UnreadableImage(name=str(path), index=index, reason=str(error))
+        return {"pixel_values": pixel_values, "path": str(path), "index": index}
 
 
 class ImageFolderDataset(ImageFileDataset):
     """Every jpg/jpeg/png/webp image under a folder (recursively, sorted), as an `ImageFileDataset`.
 
+    The folder is listed, not read (`list_image_files`); files are opened one at a time as their items are read.
+
     Raises:
         FileNotFoundError: if the folder does not exist.
         NotADirectoryError: if it is a file.
-        ValueError: if it holds no readable image.
+        ValueError: if it holds no image file.
     """
 
     def __init__(
@@ -256,7 +308,7 @@ class ImageFolderDataset(ImageFileDataset):
         square: bool = True,
     ) -> None:
         self.root = Path(root).expanduser()
-        files = find_image_files(self.root)
+        files = [os.path.join(self.root, relative) for relative in list_image_files(self.root)]
         if not files:
             raise ValueError(
                 f"The folder {str(self.root)!r} holds no image ({', '.join(IMAGE_EXTENSIONS)}, searched recursively)."
@@ -353,35 +405,31 @@ class _HFImageItems:
         self.resolution, self.patch_size = resolution, patch_size
         self.normalization = normalization or ImageNormalization()
         self.square = square
-        self.unreadable_items: list[str] = []
         streaming = isinstance(self, IterableDataset)
         self.dataset = _load_hf_dataset(source, split, image_column, streaming=streaming)
         if not streaming and len(self.dataset) == 0:
             raise ValueError(f"The split {split!r} of the dataset {source!r} is empty.")
 
-    def _item(self, index: int, row: dict[str, Any]) -> ImageItem | None:
-        """Return the item of row `index`, or `None` (logged and counted) if its image cannot be used."""
-        name = f"{self.source}:{self.split}:{index}"
+    def _item(self, index: int, row: dict[str, Any], part: str | None = None) -> ImageItem | UnreadableImage:
+        """Return the item of row `index`, or an `UnreadableImage` if its image cannot be used.
+
+        Its name is `SOURCE:SPLIT:INDEX`, or `SOURCE:SPLIT:PART:INDEX` for row `index` of one part of a split stream.
+        """
+        name = f"{self.source}:{self.split}:{index}" if part is None else f"{self.source}:{self.split}:{part}:{index}"
         try:
             image = _decode_hf_image(row[self.image_column])
             pixel_values = prepare_image(
                 image, self.resolution, self.patch_size, self.normalization, square=self.square
             )
         except (FileNotFoundError, ValueError) as error:
-            logger.warning("Skipping %s: %s", name, error)
-            if name not in self.unreadable_items:
-                self.unreadable_items.append(name)
-            return None
-        return {"pixel_values": pixel_values, "path": name}
-
-    @property
-    def num_unreadable(self) -> int:
-        """Number of rows skipped so far because their image could not be decoded or was too small."""
-        return len(self.unreadable_items)
+            logger.debug("Cannot use %s: %s", name, error)
+            return UnreadableImage(name=name, index=index, reason=str(error))
+        return {"pixel_values": pixel_values, "path": name, "index": index}
 
 
 class HFImageDataset(_HFImageItems, Dataset):
-    """A map-style view of the image column of a 🤗 dataset; items are `{"pixel_values", "path"}` or `None`.
+    """A map-style view of the image column of a 🤗 dataset; items are `{"pixel_values", "path", "index"}`, or an
+    `UnreadableImage` for a row whose image cannot be used.
 
     `path` is `"SOURCE:SPLIT:INDEX"`. `source` is a Hub dataset name, a local dataset loadable by
     `datasets.load_dataset`, or a directory written by `save_to_disk`.
@@ -390,22 +438,44 @@ class HFImageDataset(_HFImageItems, Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> ImageItem | None:
+    def __getitem__(self, index: int) -> ImageItem | UnreadableImage:
         return self._item(index, self.dataset[index])
 
 
 class HFImageIterableDataset(_HFImageItems, IterableDataset):
     """A streaming view (`datasets.load_dataset(..., streaming=True)`) of the image column of a 🤗 dataset.
 
-    Yields `{"pixel_values", "path"}`; rows whose image cannot be used are logged, counted and skipped. `datasets`
-    shards the stream across DataLoader workers by itself.
+    Yields `{"pixel_values", "path", "index"}`, or an `UnreadableImage` for a row whose image cannot be used.
+    `for_process` gives one process's share, and `datasets` shards the stream across DataLoader workers by itself.
+    A row of the whole stream is named `SOURCE:SPLIT:INDEX`; once the stream is split (between processes or
+    workers), row positions are only known within a part, so a row is named `SOURCE:SPLIT:PART:INDEX`, PART being
+    `processR` or `processR-workerW`, INDEX its position in that part.
     """
 
-    def __iter__(self) -> Iterator[ImageItem]:
+    process_index: int = 0
+    num_processes: int = 1
+
+    def for_process(self, process_index: int, num_processes: int) -> HFImageIterableDataset:
+        """Return a copy that streams only the rows of process `process_index` of `num_processes`.
+
+        Uses `datasets.distributed.split_dataset_by_node`: whole shards per process when their number divides
+        evenly, else every `num_processes`-th row (each process then still downloads the whole stream but decodes
+        only its own rows).
+        """
+        from datasets.distributed import split_dataset_by_node
+
+        share = copy.copy(self)
+        share.dataset = split_dataset_by_node(self.dataset, rank=process_index, world_size=num_processes)
+        share.process_index, share.num_processes = process_index, num_processes
+        return share
+
+    def __iter__(self) -> Iterator[ImageItem | UnreadableImage]:
+        worker = get_worker_info()
+        part = None
+        if self.num_processes > 1 or worker is not None:
+            part = f"process{self.process_index}" + (f"-worker{worker.id}" if worker is not None else "")
         for index, row in enumerate(self.dataset):
-            item = self._item(index, row)
-            if item is not None:
-                yield item
+            yield self._item(index, row, part)
 
 
 def build_dataset(
@@ -428,9 +498,10 @@ def build_dataset(
     - anything else (a Hub dataset name, a local dataset of parquet/csv/… files): `datasets.load_dataset`.
 
     Returns:
-        A map-style dataset whose items may be `None` (unreadable images), or a streaming `IterableDataset`. Batch
-        either with `collate_images`. `square=True` (the default, SINDER's training crop) gives every image the same
-        size; with `square=False` images keep their aspect ratio, so only batches of one image are always stackable.
+        A map-style dataset, or a streaming `IterableDataset`, whose items are dicts or, for images that cannot be
+        used, `UnreadableImage`s. Batch either with `collate_images`. `square=True` (the default, SINDER's training
+        crop) gives every image the same size; with `square=False` images keep their aspect ratio, so only batches
+        of one image are always stackable.
     """
     if data is None:
         from .demo import demo_image_paths
@@ -447,26 +518,182 @@ def build_dataset(
     return HFImageDataset(str(data), resolution, patch_size, normalization, **hf_kwargs)
 
 
-def collate_images(items: Sequence[ImageItem | None]) -> dict[str, Any] | None:
-    """Stack dataset items into a batch, dropping the `None`s that unreadable images leave.
+@dataclass
+class ImageBatch:
+    """A batch of images, and the items of the batch that could not be used.
 
-    Returns:
-        `{"pixel_values": Tensor[B, 3, H, W], "paths": list[str]}`, or `None` when every item was dropped (skip
-        that batch).
+    Attributes:
+        pixel_values: [B, 3, H, W], or None when no item of the batch could be used.
+        paths: the name of each image in `pixel_values` (file path, or `SOURCE:SPLIT:INDEX`).
+        indices: the dataset position of each image in `pixel_values`.
+        unreadable: the items that could not be used.
+    """
+
+    pixel_values: torch.Tensor | None
+    paths: list[str]
+    indices: list[int]
+    unreadable: list[UnreadableImage]
+
+
+def collate_images(items: Sequence[ImageItem | UnreadableImage | None]) -> ImageBatch:
+    """Stack dataset items into a batch, setting aside the `UnreadableImage`s (and ignoring `None`s).
 
     Raises:
         ValueError: if the images do not all have the same size (use `square=True` or a batch size of 1).
     """
-    kept = [item for item in items if item is not None]
+    unreadable = [item for item in items if isinstance(item, UnreadableImage)]
+    kept = [item for item in items if item is not None and not isinstance(item, UnreadableImage)]
     if not kept:
-        return None
+        return ImageBatch(pixel_values=None, paths=[], indices=[], unreadable=unreadable)
     shapes = {tuple(item["pixel_values"].shape) for item in kept}
     if len(shapes) > 1:
         raise ValueError(
             f"Cannot batch images of different sizes {sorted(shapes)}; crop them to squares (square=True) or use a "
             "batch size of 1."
         )
-    return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in kept]),
-        "paths": [item["path"] for item in kept],
-    }
+    return ImageBatch(
+        pixel_values=torch.stack([item["pixel_values"] for item in kept]),
+        paths=[item["path"] for item in kept],
+        indices=[int(item.get("index", position)) for position, item in enumerate(kept)],
+        unreadable=unreadable,
+    )
+
+
+class UnreadableImageLog:
+    """The images found unusable so far, each warned about once.
+
+    A file read again in a later epoch, or by another process, is neither warned about nor counted again.
+    """
+
+    def __init__(self, names: Sequence[str] = ()) -> None:
+        self.names: set[str] = set(names)
+
+    def add(self, images: Sequence[UnreadableImage]) -> list[str]:
+        """Record `images`, warn about each one not seen before, and return the names of those."""
+        new = []
+        for image in images:
+            if image.name not in self.names:
+                self.names.add(image.name)
+                new.append(image.name)
+                logger.warning("Skipping %s: %s", image.name, image.reason)
+        return new
+
+    def merge(self, names: Sequence[str]) -> None:
+        """Record images another process met (and warned about) already."""
+        self.names.update(names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def process_share(length: int, seed: int, epoch: int, process_index: int, num_processes: int) -> list[int]:
+    """Return the dataset positions process `process_index` reads in `epoch`.
+
+    A seeded permutation of `range(length)` (a new one each epoch, the same on every process) dealt round-robin:
+    the shares are disjoint and cover the dataset, so no image is read twice in an epoch. When `length` is not a
+    multiple of `num_processes` the first shares are one longer; the trainer ends an epoch when any process runs
+    out, so every process takes the same number of steps.
+    """
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(length, generator=generator).tolist()
+    return order[process_index::num_processes]
+
+
+def epoch_batches(
+    dataset: Dataset | IterableDataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    epoch: int,
+    process_index: int,
+    num_processes: int,
+    skip_batches: int = 0,
+) -> Iterator[ImageBatch]:
+    """Yield this process's batches of one epoch, after skipping the first `skip_batches` (resuming mid-epoch).
+
+    A map-style dataset is read in the order of `process_share`, skipped batches without reading them; a streamed
+    🤗 dataset through `HFImageIterableDataset.for_process` (its own order, unshuffled), skipped batches read and
+    dropped. Both go through a `DataLoader` with `num_workers` worker processes.
+    """
+    if isinstance(dataset, IterableDataset):
+        if isinstance(dataset, HFImageIterableDataset):
+            dataset = dataset.for_process(process_index, num_processes)
+        elif num_processes > 1:
+            raise TypeError(
+                f"Cannot split a {type(dataset).__name__} between processes; use a map-style dataset or a streamed "
+                "🤗 dataset (HFImageIterableDataset)."
+            )
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
+        for position, batch in enumerate(loader):
+            if position >= skip_batches:
+                yield batch
+        return
+    indices = process_share(len(dataset), seed, epoch, process_index, num_processes)[skip_batches * batch_size :]
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_images,
+    )
+    yield from loader
+
+
+def spread_positions(length: int, count: int) -> list[int]:
+    """Return `min(count, length)` positions spread evenly over `range(length)`: an even stride from 0.
+
+    Over the sorted files of an ImageNet-style tree (one folder per class) this picks images from as many classes
+    as there are positions, as the original code's evenly strided subset of the training set did.
+    """
+    count = min(count, length)
+    return [position * length // count for position in range(count)]
+
+
+def selection_sample(
+    dataset: Dataset | IterableDataset, count: int, log: UnreadableImageLog | None = None
+) -> ImageBatch:
+    """Return `count` usable images spread over the dataset, as one batch.
+
+    Map-style datasets: the positions of `spread_positions`; an unusable image is replaced by the next usable one
+    after it (wrapping around at the end). Streamed datasets: the first `count` usable images of the stream.
+    Unusable images met on the way are recorded in `log` (warned about once) and returned in `unreadable`.
+
+    Raises:
+        ValueError: if the dataset holds no usable image.
+    """
+    items: list[ImageItem] = []
+    unreadable: list[UnreadableImage] = []
+
+    def accept(item: ImageItem | UnreadableImage) -> bool:
+        if isinstance(item, UnreadableImage):
+            unreadable.append(item)
+            if log is not None:
+                log.add([item])
+            return False
+        items.append(item)
+        return True
+
+    if isinstance(dataset, IterableDataset):
+        for item in dataset:
+            if accept(item) and len(items) == count:
+                break
+    else:
+        length = len(dataset)
+        visited: set[int] = set()
+        for start in spread_positions(length, count):
+            for offset in range(length):
+                position = (start + offset) % length
+                if position in visited:
+                    continue
+                visited.add(position)
+                if accept(dataset[position]):
+                    break
+    batch = collate_images(items)
+    batch.unreadable = unreadable
+    if batch.pixel_values is None:
+        raise ValueError(
+            f"The data holds no usable image: all {len(unreadable)} images read were unreadable or, at this "
+            "resolution, smaller than 3×3 patches (see the warnings above)."
+        )
+    return batch

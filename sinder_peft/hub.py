@@ -3,7 +3,7 @@
 At the end of a repair run the merged model is saved to `model/`; `write_model_card` writes its `README.md` (YAML
 front matter the Hub reads, then what the model is, how it was made, the defect statistics before and after, and how
 to load it), and `push_folder_to_hub` uploads the folder. Every way the upload can fail on the network or on
-authentication ends in one `RuntimeError` whose message says what to do.
+authentication ends in one `HubUploadError` whose message says what to do.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from huggingface_hub import HfApi, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
 from .loading import DEMO_MODEL_NAME, looks_like_hub_id
+from .processor import IMAGE_PROCESSOR_CONFIG
 
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
 CARD_TAGS: list[str] = ["dinov2", "sinder", "singular-defects", "vision", "feature-extraction"]
 PIPELINE_TAG = "image-feature-extraction"
-IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
 DEFAULT_COMMIT_MESSAGE = "Upload a DINOv2 model repaired with sinder-peft"
 
 # Defect statistics the card knows how to label, in the order its table lists them. Keys of `RepairCard.before` /
@@ -330,6 +330,10 @@ def write_model_card(model_dir: Path, card: RepairCard) -> Path:
     return path
 
 
+class HubUploadError(RuntimeError):
+    """Uploading to the Hub failed: it could not be reached, refused the token, or refused the upload."""
+
+
 def _network_error_types() -> tuple[type[BaseException], ...]:
     """Return the exception types meaning that the Hub could not be reached.
 
@@ -346,16 +350,16 @@ def _network_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def _http_error(error: HfHubHTTPError, repo_id: str, endpoint: str) -> RuntimeError:
+def _http_error(error: HfHubHTTPError, repo_id: str, endpoint: str) -> HubUploadError:
     """Build the error raised when the Hub answers with an HTTP error: an authentication hint for 401 and 403."""
     status = error.response.status_code if error.response is not None else None
     if status in (401, 403):
-        return RuntimeError(
+        return HubUploadError(
             f"The Hub at {endpoint} refused the upload to {repo_id!r} (HTTP {status}): the token is missing, invalid, "
             f"or has no write access to that namespace. To authenticate, {_AUTH_HINT}."
         )
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return RuntimeError(f"The Hub at {endpoint} refused the upload to {repo_id!r} (HTTP {status}): {first_line}")
+    return HubUploadError(f"The Hub at {endpoint} refused the upload to {repo_id!r} (HTTP {status}): {first_line}")
 
 
 def push_folder_to_hub(
@@ -384,7 +388,7 @@ def push_folder_to_hub(
 
     Raises:
         FileNotFoundError: `folder` is not a directory.
-        RuntimeError: the Hub cannot be reached, rejects the token (with a hint on how to log in), or refuses the
+        HubUploadError: the Hub cannot be reached, rejects the token (with a hint on how to log in), or refuses the
             upload; the cause is chained.
     """
     folder = Path(folder)
@@ -399,7 +403,7 @@ def push_folder_to_hub(
     except HfHubHTTPError as error:
         raise _http_error(error, repo_id, api.endpoint) from error
     except _network_error_types() as error:
-        raise RuntimeError(
+        raise HubUploadError(
             f"Cannot reach the Hugging Face Hub at {api.endpoint} to upload {str(folder)!r} to {repo_id!r}: "
             f"{type(error).__name__}: {error}. Check the network connection, the endpoint (HF_ENDPOINT), and that "
             f"HF_HUB_OFFLINE is not set (the files are still in {str(folder)!r}). The upload also needs a token: "

@@ -128,24 +128,67 @@ def _per_channel(value: float | Sequence[float]) -> tuple[float, ...]:
     return tuple(float(entry) for entry in value)
 
 
-def load_normalization(source: str | Path) -> ImageNormalization:
-    """Return the image normalization of the model at `source` (local directory or Hub id).
+def load_image_processor_config(source: str | Path) -> dict[str, Any] | None:
+    """Return the image processor config (`preprocessor_config.json`, what `AutoImageProcessor` loads) of the model
+    at `source` as a dict, or None when it has none.
 
-    Reads `image_mean` / `image_std` from the model's image processor config (`preprocessor_config.json`, what
-    `AutoImageProcessor` loads) when there is one (local directory, local cache, or Hub when online). The config is
-    read as a dict rather than instantiated, so no image-processing backend (torchvision) is needed. Falls back to
-    the ImageNet mean/std, which all DINOv2 checkpoints use, when there is no config or it does not set both.
+    `source` is a local model directory or a Hub id (local cache first, the Hub when online). The config is read as
+    a dict rather than instantiated, so no image-processing backend (torchvision) is needed.
     """
     try:
         config, _ = _cache_first(ImageProcessingMixin.get_image_processor_dict, str(source))
     except (OSError, ValueError) as error:
-        logger.info("No image processor config found for %s (%s); using the ImageNet mean/std.", source, error)
+        logger.info("No image processor config found for %s (%s).", source, error)
+        return None
+    return config
+
+
+def normalization_from_processor_config(config: dict[str, Any] | None) -> ImageNormalization:
+    """Return the `image_mean` / `image_std` of an image processor config, or the ImageNet mean/std (which all
+    DINOv2 checkpoints use) when there is no config or it does not set both."""
+    if config is None:
         return ImageNormalization()
     mean, std = config.get("image_mean"), config.get("image_std")
     if mean is None or std is None:
-        logger.info("The image processor of %s sets no image_mean/image_std; using the ImageNet mean/std.", source)
+        logger.info("The image processor sets no image_mean/image_std; using the ImageNet mean/std.")
         return ImageNormalization()
     return ImageNormalization(mean=_per_channel(mean), std=_per_channel(std))
+
+
+def load_normalization(source: str | Path) -> ImageNormalization:
+    """Return the image normalization of the model at `source` (local directory or Hub id): that of its image
+    processor config, or the ImageNet mean/std when it has none."""
+    return normalization_from_processor_config(load_image_processor_config(source))
+
+
+def _resolve_source(model: str) -> tuple[str, bool]:
+    """Return where to load `model` (not "demo") from, and whether that is a Hub id.
+
+    Raises:
+        FileNotFoundError: `model` is a file, a directory without a model, or neither a path nor a Hub id.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(_resolve_local_directory(path)), False
+    if path.exists():
+        raise FileNotFoundError(
+            f"{model!r} is a file; --model takes a directory written by `save_pretrained`, a Hub id or 'demo'."
+        )
+    if looks_like_hub_id(model):
+        return model, True
+    raise FileNotFoundError(
+        f"{model!r} does not exist and is not a Hub id (like 'facebook/dinov2-base'); --model takes a directory "
+        "written by `save_pretrained`, a Hub id or 'demo'."
+    )
+
+
+def load_model_image_processor_config(model: str) -> dict[str, Any] | None:
+    """Return the image processor config of the model `--model` names (see `load_backbone`), or None when it has
+    none (the demo model has none)."""
+    if model == DEMO_MODEL_NAME:
+        return None
+    source, _ = _resolve_source(model)
+    return load_image_processor_config(source)
 
 
 def _load_config(source: str, name: str, from_hub: bool) -> PretrainedConfig:
@@ -196,21 +239,7 @@ def load_backbone(model: str, *, dtype: torch.dtype | None = None) -> tuple[nn.M
             backbone = backbone.to(dtype)
         return backbone.eval(), ImageNormalization()
 
-    path = Path(model).expanduser()
-    from_hub = False
-    if path.is_dir():
-        source = str(_resolve_local_directory(path))
-    elif path.exists():
-        raise FileNotFoundError(
-            f"{model!r} is a file; --model takes a directory written by `save_pretrained`, a Hub id or 'demo'."
-        )
-    elif looks_like_hub_id(model):
-        source, from_hub = model, True
-    else:
-        raise FileNotFoundError(
-            f"{model!r} does not exist and is not a Hub id (like 'facebook/dinov2-base'); --model takes a directory "
-            "written by `save_pretrained`, a Hub id or 'demo'."
-        )
+    source, from_hub = _resolve_source(model)
 
     config = _load_config(source, model, from_hub)
     load_kwargs: dict[str, Any] = {"config": config}

@@ -33,9 +33,18 @@ from torch.utils.data import Dataset, IterableDataset
 
 from . import __version__
 from .architectures import describe_model, unwrap_backbone
-from .data import build_dataset, collate_images
+from .data import (
+    MIN_GRID_SIDE,
+    ImageBatch,
+    ImageFileDataset,
+    UnreadableImageLog,
+    build_dataset,
+    selection_sample,
+)
 from .defects import DefectAnalysis, find_defect_tokens
-from .loading import DEMO_MODEL_NAME, ImageNormalization, load_backbone
+from .distributed import FailedOnAnotherProcess, run_on_every_process, run_on_main_process
+from .loading import DEMO_MODEL_NAME, ImageNormalization, load_backbone, load_model_image_processor_config
+from .processor import save_image_processor
 from .trainer import (
     CHECKPOINT_ADAPTER_DIR,
     SinderTrainer,
@@ -52,6 +61,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_RESOLUTION = 518
 DEMO_RESOLUTION = 224
 DEMO_STOP_WINDOW = 6
+MAX_LISTED_UNREADABLE = 100
 
 
 @dataclass
@@ -115,24 +125,6 @@ class RepairResult:
     state: TrainerState
 
 
-def _first_images(dataset: Dataset | IterableDataset, count: int) -> tuple[torch.Tensor, list[str]]:
-    """Return the first `count` readable images of the dataset (in its own order) as a batch, and their paths."""
-    items: list[Any] = []
-    iterator = iter(dataset) if isinstance(dataset, IterableDataset) else (dataset[i] for i in range(len(dataset)))
-    for item in iterator:
-        if item is not None:
-            items.append(item)
-        if len(items) == count:
-            break
-    batch = collate_images(items)
-    if batch is None:
-        raise ValueError(
-            "The data holds no usable image: every image was unreadable or, at this resolution, smaller than 3×3 "
-            "patches (see the warnings above)."
-        )
-    return batch["pixel_values"], batch["paths"]
-
-
 def _analysis_summary(analysis: DefectAnalysis) -> dict[str, Any]:
     """Return report.json's summary of an analysis: last-layer norm ratios, defect-token shares, defective layers."""
     last = analysis.num_layers - 1
@@ -185,30 +177,59 @@ def _check_output_dir(args: RepairArguments) -> Path:
     return output_dir
 
 
-def repair(args: RepairArguments, callbacks: Sequence[Callable[[TrainerState], None]] = ()) -> RepairResult:
-    """Run a whole repair (see the module docstring) and return what it produced.
-
-    Args:
-        args: the run's arguments.
-        callbacks: passed to `SinderTrainer` (called with the state after every step).
+def training_resolution(resolution: int, patch_size: int) -> int:
+    """Return the side of the square training crop for a requested `resolution`: the largest multiple of the patch
+    size not above it (logged when that differs from the request).
 
     Raises:
-        FileExistsError, FileNotFoundError, ValueError, ModelNotAvailableError: bad inputs, before anything is
-            written.
+        ValueError: if that is less than 3 patches.
     """
-    training = args.training
-    output_dir = _check_output_dir(args)
-    resolution = args.resolution or (DEMO_RESOLUTION if args.model == DEMO_MODEL_NAME else DEFAULT_RESOLUTION)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        project_dir=str(output_dir) if args.report_to else None,
-    )
-    checkpoint = resolve_checkpoint(args.resume) if args.resume else None
+    side = (resolution // patch_size) * patch_size
+    if side < MIN_GRID_SIDE * patch_size:
+        raise ValueError(
+            f"--resolution {resolution} gives crops smaller than {MIN_GRID_SIDE}×{MIN_GRID_SIDE} patches of "
+            f"{patch_size} pixels: use at least {MIN_GRID_SIDE * patch_size}."
+        )
+    if side != resolution:
+        logger.warning(
+            "--resolution %d is not a multiple of the patch size %d: training on %dx%d crops (%dx%d patches) of "
+            "images resized to a short side of %d.",
+            resolution,
+            patch_size,
+            side,
+            side,
+            side // patch_size,
+            side // patch_size,
+            side,
+        )
+    return side
 
+
+@dataclass
+class _Setup:
+    """What every process prepares before training (see `repair`)."""
+
+    model: PeftModel
+    normalization: ImageNormalization
+    processor_config: dict[str, Any] | None
+    dataset: Dataset | IterableDataset
+    resolution: int
+    directions: list[torch.Tensor]
+    selection: ImageBatch
+    before: DefectAnalysis
+    before_features: torch.Tensor
+    checkpoint: Path | None
+
+
+def _prepare(args: RepairArguments, accelerator: Accelerator, resolution: int) -> _Setup:
+    """Load the model and data, measure the defects of the selection sample, and build or resume the adapter."""
+    training = args.training
+    checkpoint = resolve_checkpoint(args.resume) if args.resume else None
     base_model, normalization = load_backbone(args.model)
+    processor_config = load_model_image_processor_config(args.model)
     base_model = base_model.to(accelerator.device)
     description = describe_model(base_model)
+    resolution = training_resolution(resolution, description.patch_size)
     dataset = build_dataset(
         args.data,
         resolution,
@@ -218,8 +239,14 @@ def repair(args: RepairArguments, callbacks: Sequence[Callable[[TrainerState], N
         image_column=args.image_column,
         streaming=args.streaming,
     )
-    sample, sample_paths = _first_images(dataset, max(args.selection_images, args.report_images))
-    sample = sample.to(accelerator.device)
+    if not isinstance(dataset, IterableDataset) and len(dataset) < accelerator.num_processes:
+        raise ValueError(
+            f"The data holds {len(dataset)} image(s), fewer than the {accelerator.num_processes} processes: every "
+            "process needs at least one image per epoch."
+        )
+    log = UnreadableImageLog() if accelerator.is_main_process else None
+    selection = selection_sample(dataset, max(args.selection_images, args.report_images), log)
+    sample = selection.pixel_values.to(accelerator.device)
     directions = compute_directions(base_model)
     before = find_defect_tokens(
         base_model,
@@ -229,12 +256,9 @@ def repair(args: RepairArguments, callbacks: Sequence[Callable[[TrainerState], N
         min_tokens=training.skip_less_than,
         kernel=training.kernel,
     )
-    report_pixels = sample[: args.report_images]
-    before_features = _final_features(base_model, report_pixels).cpu()
-
+    before_features = _final_features(base_model, sample[: args.report_images]).cpu()
     if checkpoint is not None:
         model = PeftModel.from_pretrained(base_model, checkpoint / CHECKPOINT_ADAPTER_DIR, is_trainable=True)
-        layers = list(model.peft_config["default"].layers_to_transform)
     else:
         layers = select_layers_to_transform(
             before.first_defective_layer.tolist(), description.num_layers, training.limit_layers
@@ -242,43 +266,95 @@ def repair(args: RepairArguments, callbacks: Sequence[Callable[[TrainerState], N
         model = build_sinder_model(base_model, layers)
     found = sorted({layer for layer in before.first_defective_layer.tolist() if layer >= 0})
     logger.info(
-        "First defective layers on %d sample images: %s; adapting blocks %s (of %d; more if training finds "
-        "defects elsewhere).",
-        len(sample_paths),
+        "First defective layers on %d sample images spread over the data: %s; adapting blocks %s (of %d; more if "
+        "training finds defects elsewhere).",
+        len(selection.paths),
         found or "none",
-        layers,
+        model.peft_config["default"].layers_to_transform,
         description.num_layers,
     )
-    if args.report_to:
-        accelerator.init_trackers(
-            "sinder-repair", config={**asdict(training), "model": args.model, "layers": str(layers)}
-        )
+    return _Setup(
+        model=model,
+        normalization=normalization,
+        processor_config=processor_config,
+        dataset=dataset,
+        resolution=resolution,
+        directions=directions,
+        selection=selection,
+        before=before,
+        before_features=before_features,
+        checkpoint=checkpoint,
+    )
 
-    trainer = SinderTrainer(model, directions, training, accelerator, output_dir / "checkpoints", callbacks=callbacks)
-    if checkpoint is not None:
-        trainer.load_checkpoint(checkpoint)
-        logger.info("Resuming from %s at step %d.", checkpoint, trainer.state.step)
-    state = trainer.train(dataset)
-    layers = list(model.peft_config["default"].layers_to_transform)  # with the blocks adapted during training
 
-    report: dict[str, Any] = {}
-    if accelerator.is_main_process and state.stop_reason != "interrupted":
-        report = _export(
-            args,
-            output_dir,
+def repair(args: RepairArguments, callbacks: Sequence[Callable[[TrainerState], None]] = ()) -> RepairResult:
+    """Run a whole repair (see the module docstring) and return what it produced.
+
+    With several processes, a failure on any one of them (bad input, an image batch that cannot be read, a full
+    disk while exporting, a refused upload) ends every process within seconds: the process that failed raises its
+    error, the others raise `FailedOnAnotherProcess` (see `distributed.py`).
+
+    Args:
+        args: the run's arguments.
+        callbacks: passed to `SinderTrainer` (called with the state after every step).
+
+    Raises:
+        FileExistsError, FileNotFoundError, ValueError, ModelNotAvailableError: bad inputs, before anything is
+            written.
+        HubUploadError: the upload to the Hub failed (the outputs are written).
+        FailedOnAnotherProcess: another process failed.
+    """
+    training = args.training
+    output_dir = _check_output_dir(args)
+    requested_resolution = args.resolution or (
+        DEMO_RESOLUTION if args.model == DEMO_MODEL_NAME else DEFAULT_RESOLUTION
+    )
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_dir=str(output_dir) if args.report_to else None,
+    )
+    try:
+        setup = run_on_every_process(accelerator, lambda: _prepare(args, accelerator, requested_resolution))
+        model = setup.model
+        if args.report_to:
+            accelerator.init_trackers(
+                "sinder-repair",
+                config={
+                    **asdict(training),
+                    "model": args.model,
+                    "layers": str(model.peft_config["default"].layers_to_transform),
+                },
+            )
+        trainer = SinderTrainer(
             model,
-            before=before,
-            before_features=before_features,
-            report_pixels=report_pixels,
-            report_paths=sample_paths[: args.report_images],
-            layers=layers,
-            state=state,
-            processes=accelerator.num_processes,
-            resolution=resolution,
-            normalization=normalization,
+            setup.directions,
+            training,
+            accelerator,
+            output_dir / "checkpoints",
+            callbacks=callbacks,
+            unreadable=[image.name for image in setup.selection.unreadable],
         )
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # closes the trackers and, with several processes, the process group: last
+        if setup.checkpoint is not None:
+            trainer.load_checkpoint(setup.checkpoint)
+            logger.info("Resuming from %s at step %d.", setup.checkpoint, trainer.state.step)
+        state = trainer.train(setup.dataset)
+        report: dict[str, Any] = {}
+        if state.stop_reason != "interrupted":
+            exported = run_on_main_process(
+                accelerator,
+                lambda: _export(
+                    args,
+                    output_dir,
+                    setup,
+                    state=state,
+                    processes=accelerator.num_processes,
+                    requested_resolution=requested_resolution,
+                ),
+            )
+            report = exported or {}
+    finally:
+        accelerator.end_training()  # closes the trackers and, with several processes, the process group
     return RepairResult(output_dir=output_dir, report=report, state=state)
 
 
@@ -296,27 +372,27 @@ def _write_directory(target: Path, write: Any) -> Path:
 def _export(
     args: RepairArguments,
     output_dir: Path,
-    model: PeftModel,
+    setup: _Setup,
     *,
-    before: DefectAnalysis,
-    before_features: torch.Tensor,
-    report_pixels: torch.Tensor,
-    report_paths: list[str],
-    layers: list[int],
     state: TrainerState,
     processes: int,
-    resolution: int,
-    normalization: ImageNormalization,
+    requested_resolution: int,
 ) -> dict[str, Any]:
-    """Write adapter/, model/ (merged, with its card), report.json and figures/; push when asked. Returns the
-    report."""
+    """Write adapter/, model/ (merged, with its image processor and card), report.json and figures/; push when
+    asked. Returns the report."""
     from .data import denormalize_image
     from .hub import RepairCard, push_folder_to_hub, write_model_card
     from .visualize import save_before_after_figure, save_layer_norm_plot
 
     training = args.training
+    model = setup.model
+    layers = list(model.peft_config["default"].layers_to_transform)  # with the blocks adapted during training
+    report_count = min(args.report_images, len(setup.selection.paths))
+    report_paths = setup.selection.paths[:report_count]
+    resolution = setup.resolution
     _write_directory(output_dir / "adapter", model.save_pretrained)
     merged = model.merge_and_unload().eval()
+    report_pixels = setup.selection.pixel_values[:report_count].to(next(merged.parameters()).device)
     after_directions = compute_directions(merged)
     after = find_defect_tokens(
         merged,
@@ -326,31 +402,39 @@ def _export(
         min_tokens=training.skip_less_than,
         kernel=training.kernel,
     )
-    before_report = _subset(before, len(report_paths))
+    before_report = _subset(setup.before, report_count)
     after_features = _final_features(merged, report_pixels).cpu()
+    selection_images: list[str] | list[int] = (
+        setup.selection.paths if isinstance(setup.dataset, ImageFileDataset) else setup.selection.indices
+    )
     report = {
         "model": args.model,
         "data": args.data or "bundled demo images",
         "resolution": resolution,
+        "requested_resolution": requested_resolution,
         "layers_adapted": layers,
         "training": asdict(training),
         "processes": processes,
         "steps": state.step,
         "images_seen": state.images_seen,
         "images_skipped": state.images_skipped,
+        "images_unreadable": len(state.unreadable),
         "nan_steps": state.nan_steps,
         "stop_reason": state.stop_reason,
         "seconds": round(state.seconds, 2),
         "defective_layers_during_training": state.defective_layers,
+        "selection_images": selection_images,
         "report_images": report_paths,
+        "unreadable_images": state.unreadable[:MAX_LISTED_UNREADABLE],
         "before": _analysis_summary(before_report),
         "after": _analysis_summary(after),
-        "clean_token_cosine": clean_token_cosine(before_features, after_features, before_report),
+        "clean_token_cosine": clean_token_cosine(setup.before_features, after_features, before_report),
         "sinder_peft_version": __version__,
     }
 
     def write_model(directory: Path) -> None:
         merged.save_pretrained(directory)
+        save_image_processor(directory, setup.processor_config, setup.normalization, resolution)
         write_model_card(
             directory,
             RepairCard(
@@ -379,7 +463,7 @@ def _export(
         directory.mkdir(parents=True)
         for index, path in enumerate(report_paths):
             save_before_after_figure(
-                denormalize_image(report_pixels[index].cpu(), normalization),
+                denormalize_image(report_pixels[index].cpu(), setup.normalization),
                 before_report.token_norms[index, -1],
                 before_report.last_patch_features[index],
                 after.token_norms[index, -1],
@@ -445,7 +529,7 @@ def _card_numbers(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the repair flags (DESIGN.md) to `parser` and return it; defaults are the paper's."""
+    """Add the repair flags to `parser` and return it; defaults are the paper's."""
     defaults = TrainingArguments()
     data = parser.add_argument_group("model and data")
     data.add_argument(
@@ -587,14 +671,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(namespace: argparse.Namespace) -> int:
     """Run a repair from parsed flags and print where the outputs are and the before/after numbers.
 
-    Returns the exit code: 0 on success, 1 (with a one-line message and no traceback) for inputs the user can fix,
-    130 when interrupted (a checkpoint was saved).
+    Returns the exit code: 0 on success, 1 (with a one-line message and no traceback) for inputs the user can fix
+    and a failed upload, 1 without a message on the processes that stop because another one failed (that one shows
+    the error), 130 when interrupted (a checkpoint was saved).
     """
+    from .hub import HubUploadError
     from .loading import ModelNotAvailableError
 
     try:
         result = repair(arguments_from_namespace(namespace))
-    except (FileExistsError, FileNotFoundError, NotADirectoryError, ValueError, ModelNotAvailableError) as error:
+    except FailedOnAnotherProcess:
+        return 1
+    except (
+        FileExistsError,
+        FileNotFoundError,
+        NotADirectoryError,
+        ValueError,
+        ModelNotAvailableError,
+        HubUploadError,
+    ) as error:
         print(f"sinder repair: error: {error}", file=sys.stderr)
         return 1
     state = result.state

@@ -1,6 +1,6 @@
 """The SINDER repair loop, driven by Accelerate.
 
-Per batch (METHOD.md §2-4):
+Per batch (docs/method.md §2-4):
 
 1. *Find the defective layer* of every image without autograd: run the blocks in order, and at each layer flag the
    patch tokens whose |cos| with that layer's defect direction is an outlier; the first layer with at least
@@ -44,14 +44,17 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from peft import PeftModel, get_peft_model
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from .architectures import ArchitectureDescription, describe_model, get_blocks, unwrap_backbone
 from .config import SinderConfig
+from .data import ImageBatch, UnreadableImage, UnreadableImageLog, epoch_batches
 from .defects import defect_token_mask, direction_cosines, patch_grid, singular_defect_directions
+from .distributed import raise_if_failed, run_on_main_process
 from .loss import feature_preservation_loss, smooth_neighbourhood_loss
 
 logger = logging.getLogger(__name__)
@@ -64,7 +67,7 @@ LATEST_CHECKPOINT_FILE = "latest"
 
 @dataclass
 class TrainingArguments:
-    """Hyperparameters of the repair loop; defaults are the paper's (METHOD.md §4).
+    """Hyperparameters of the repair loop; defaults are the paper's (docs/method.md §4).
 
     Attributes:
         lr: SGD learning rate.
@@ -139,6 +142,8 @@ class TrainerState:
         last_loss: the mean loss of the last step with a defective image.
         seconds: training time so far.
         stop_reason: why training ended ("max_steps", "skip_ratio", "data", "interrupted"), or None.
+        unreadable: names of the images found unusable so far (not images, truncated, too small), over all
+            processes, each once.
     """
 
     step: int = 0
@@ -152,6 +157,7 @@ class TrainerState:
     last_loss: float | None = None
     seconds: float = 0.0
     stop_reason: str | None = None
+    unreadable: list[str] = field(default_factory=list)
 
     def recent_skip_ratio(self) -> tuple[float, int]:
         """Return the share of skipped images over the recent window and the number of images in it."""
@@ -225,6 +231,8 @@ class SinderTrainer:
         accelerator: the `Accelerator` of this process (device, process count, trackers).
         checkpoint_dir: where checkpoints go (`<output_dir>/checkpoints`).
         callbacks: functions called with the `TrainerState` after every step (on every process).
+        unreadable: names of images already found unusable (e.g. while choosing the blocks to adapt): they are
+            counted in `state.unreadable` and not warned about again.
     """
 
     def __init__(
@@ -235,6 +243,7 @@ class SinderTrainer:
         accelerator: Accelerator,
         checkpoint_dir: Path,
         callbacks: Sequence[Callable[[TrainerState], None]] = (),
+        unreadable: Sequence[str] = (),
     ) -> None:
         self.model = model
         self.args = args
@@ -254,7 +263,8 @@ class SinderTrainer:
         if not self.parameters:
             raise ValueError("The model has no trainable SINDER shift; wrap it with get_peft_model(SinderConfig()).")
         self.optimizer = torch.optim.SGD(self.parameters, lr=args.lr, momentum=args.momentum)
-        self.state = TrainerState()
+        self.state = TrainerState(unreadable=sorted(set(unreadable)))
+        self._unreadable_log = UnreadableImageLog(unreadable)
         self._interrupted = False
 
     # ------------------------------------------------------------------------------------------------------------
@@ -341,7 +351,7 @@ class SinderTrainer:
                 hidden = hidden[keep] if keep else None
         return StepOutput(loss_sum=torch.stack(losses).sum(), num_defective=len(defective), defective_layers=layers)
 
-    def adapt_window_blocks(self, defective_layers: Sequence[int]) -> list[int]:
+    def adapt_window_blocks(self, defective_layers: Sequence[int], error: BaseException | None = None) -> list[int]:
         """Make sure every block of the gradient windows of `defective_layers` carries the adapter, on all processes.
 
         The blocks this process needs are summed over all processes (a small collective made on every step, by
@@ -351,15 +361,20 @@ class SinderTrainer:
         factors for blocks no defect reaches. The optimizer is rebuilt over the parameters in model order, with the
         momentum of the existing ones kept.
 
+        `error`, when this process failed before this collective, is raised after it, and every other process
+        raises `FailedOnAnotherProcess` (see `distributed.py`).
+
         Returns the blocks newly adapted (empty almost always).
         """
-        needed = torch.zeros(self.description.num_layers, device=self.accelerator.device)
+        needed = torch.zeros(self.description.num_layers + 1, device=self.accelerator.device)
         for layer in defective_layers:
             if layer >= 0:
                 window = gradient_window(layer, self.args.limit_layers)
                 needed[window.start : window.stop] = 1
+        needed[-1] = float(error is not None)
         needed = self.accelerator.reduce(needed, reduction="sum")
-        blocks = [index for index, count in enumerate(needed.tolist()) if count > 0]
+        raise_if_failed(error, int(needed[-1].item()))
+        blocks = [index for index, count in enumerate(needed[:-1].tolist()) if count > 0]
         added = self.model.base_model.add_layers(blocks, adapter_name=self.model.active_adapter)
         if added:
             momentum = {parameter: self.optimizer.state[parameter] for parameter in self.optimizer.state}
@@ -454,8 +469,17 @@ class SinderTrainer:
             for gradient, parameter, flag in zip(gradients, self.parameters, got.tolist(), strict=True)
         ], summed_counters
 
-    def training_step(self, pixel_values: torch.Tensor | None) -> dict[str, float]:
+    def training_step(
+        self, pixel_values: torch.Tensor | None, unreadable: Sequence[UnreadableImage] = ()
+    ) -> dict[str, float]:
         """Run one synchronized step on this process's batch (`None`: this process has no image this step).
+
+        `unreadable` are the images of the batch that could not be used: each is warned about once, by the process
+        that met it, and the names are shared with every process (only on the rare steps that meet one) so that
+        `state.unreadable` counts each image once over the whole run.
+
+        An exception on this process (out of memory, a broken image tensor...) is raised at the end of the step's
+        next collective, and every other process then raises `FailedOnAnotherProcess`, so that no process waits.
 
         Returns the step's numbers over all processes: images, skipped images, defective images, the mean loss
         (NaN when there was no defective image or the step was skipped) and whether the step was skipped for a
@@ -464,23 +488,30 @@ class SinderTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         device = self.accelerator.device
         output = StepOutput(loss_sum=None, num_defective=0, defective_layers=[])
-        search = None
+        search, error = None, None
         if pixel_values is not None:
-            pixel_values = pixel_values.to(device=device, dtype=next(self.backbone.parameters()).dtype)
-            search = self.find_defective_layers(pixel_values)
-        self.adapt_window_blocks(search.layers if search is not None else [])
-        if search is not None:
-            output = self.window_loss(pixel_values, search)
+            try:
+                pixel_values = pixel_values.to(device=device, dtype=next(self.backbone.parameters()).dtype)
+                search = self.find_defective_layers(pixel_values)
+            except Exception as caught:
+                error = caught
+        self.adapt_window_blocks(search.layers if search is not None else [], error)
         loss_value = 0.0
-        if output.loss_sum is not None:
-            loss_value = float(output.loss_sum.detach())
-            if math.isfinite(loss_value):
-                output.loss_sum.backward()
+        try:
+            if search is not None:
+                output = self.window_loss(pixel_values, search)
+            if output.loss_sum is not None:
+                loss_value = float(output.loss_sum.detach())
+                if math.isfinite(loss_value):
+                    output.loss_sum.backward()
+        except Exception as caught:
+            error, output, loss_value = caught, StepOutput(loss_sum=None, num_defective=0, defective_layers=[]), 0.0
         finite_loss = math.isfinite(loss_value)
         layer_counts = torch.zeros(self.description.num_layers)
         for layer in output.defective_layers:
             if layer >= 0:
                 layer_counts[layer] += 1
+        new_unreadable = self._unreadable_log.add(unreadable)
         counters = torch.cat(
             [
                 torch.tensor(
@@ -490,15 +521,22 @@ class SinderTrainer:
                         loss_value if finite_loss else 0.0,
                         float(not finite_loss),
                         float(self._interrupted),
+                        float(error is not None),
+                        len(new_unreadable),
                     ]
                 ),
                 layer_counts,
             ]
         ).to(device)
         gradients, summed = self._all_reduce(counters)
-        images, defective, loss_sum, nonfinite, interrupted = summed[:5].tolist()
+        images, defective, loss_sum, nonfinite, interrupted, failures, unreadable_count = summed[:7].tolist()
+        raise_if_failed(error, int(failures))
+        if unreadable_count > 0 and self.accelerator.num_processes > 1:
+            for names in gather_object([new_unreadable]):
+                self._unreadable_log.merge(names)
+        self.state.unreadable = sorted(self._unreadable_log.names)
         self._interrupted = self._interrupted or interrupted > 0
-        for layer, count in enumerate(summed[5:].tolist()):
+        for layer, count in enumerate(summed[7:].tolist()):
             if count > 0:
                 key = str(layer)
                 self.state.defective_layers[key] = self.state.defective_layers.get(key, 0) + int(count)
@@ -531,55 +569,36 @@ class SinderTrainer:
     # The loop
     # ------------------------------------------------------------------------------------------------------------
 
-    def _process_indices(self, length: int, epoch: int) -> list[int]:
-        """Return this process's dataset indices for `epoch`: a seeded permutation, padded by wrapping around so
-        every process gets the same number (and so the same number of steps), then split round-robin."""
-        generator = torch.Generator().manual_seed(self.args.seed + epoch)
-        order = torch.randperm(length, generator=generator).tolist()
-        world = self.accelerator.num_processes
-        padded = math.ceil(length / world) * world
-        order = [order[position % length] for position in range(padded)]
-        return order[self.accelerator.process_index :: world]
-
-    def _epoch_batches(self, dataset: Dataset | IterableDataset, skip_batches: int) -> Iterator[torch.Tensor | None]:
-        """Yield this process's batches of one epoch as pixel tensors (`None` for a batch of unreadable images),
-        after skipping the first `skip_batches` (resuming mid-epoch)."""
-        from .data import collate_images
-
-        batch_size = self.args.batch_size
-        if isinstance(dataset, IterableDataset):
-            world, rank = self.accelerator.num_processes, self.accelerator.process_index
-            items = (item for position, item in enumerate(dataset) if position % world == rank)
-            batch: list[Any] = []
-            skipped = 0
-            for item in items:
-                batch.append(item)
-                if len(batch) == batch_size:
-                    if skipped < skip_batches:
-                        skipped += 1
-                    else:
-                        collated = collate_images(batch)
-                        yield None if collated is None else collated["pixel_values"]
-                    batch = []
-            if batch and skipped >= skip_batches:
-                collated = collate_images(batch)
-                yield None if collated is None else collated["pixel_values"]
-            return
-        indices = self._process_indices(len(dataset), self.state.epoch)[skip_batches * batch_size :]
-        loader = DataLoader(
-            torch.utils.data.Subset(dataset, indices),
-            batch_size=batch_size,
-            shuffle=False,
+    def _epoch_batches(self, dataset: Dataset | IterableDataset) -> Iterator[ImageBatch]:
+        """Return this process's batches of the current epoch, from where the epoch stands (`data.epoch_batches`)."""
+        return epoch_batches(
+            dataset,
+            batch_size=self.args.batch_size,
             num_workers=self.args.num_workers,
-            collate_fn=collate_images,
+            seed=self.args.seed,
+            epoch=self.state.epoch,
+            process_index=self.accelerator.process_index,
+            num_processes=self.accelerator.num_processes,
+            skip_batches=self.state.batches_in_epoch,
         )
-        for collated in loader:
-            yield None if collated is None else collated["pixel_values"]
 
-    def _any_process_exhausted(self, exhausted: bool) -> bool:
-        """Whether some process has run out of batches this epoch (all processes then end the epoch together)."""
-        flag = torch.tensor([float(exhausted)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+    def _next_batch(self, batches: Iterator[ImageBatch]) -> ImageBatch | None:
+        """Return this process's next batch of the epoch, or None when it has none left.
+
+        The answer is agreed on by every process in one collective: when any process has run out, all end the epoch
+        together (so they keep taking the same steps), and when reading the batch failed on any process (a worker
+        crash, images of different sizes), the process that failed raises its error and the others raise
+        `FailedOnAnotherProcess`.
+        """
+        batch, error = None, None
+        try:
+            batch = next(batches, None)
+        except Exception as caught:
+            error = caught
+        flags = torch.tensor([float(batch is None and error is None), float(error is not None)])
+        flags = self.accelerator.reduce(flags.to(self.accelerator.device), reduction="sum")
+        raise_if_failed(error, int(flags[1].item()))
+        return None if flags[0] > 0 else batch
 
     def _record(self, result: dict[str, float]) -> None:
         """Add a step's image counts to the totals and to the recent window of the stop rule."""
@@ -628,12 +647,12 @@ class SinderTrainer:
         try:
             while self.state.stop_reason is None:
                 images_before = self.state.images_seen
-                batches = self._epoch_batches(dataset, self.state.batches_in_epoch)
+                batches = self._epoch_batches(dataset)
                 while self.state.stop_reason is None:
-                    pixel_values = next(batches, _EXHAUSTED)
-                    if self._any_process_exhausted(pixel_values is _EXHAUSTED):
+                    batch = self._next_batch(batches)
+                    if batch is None:
                         break
-                    result = self.training_step(pixel_values)
+                    result = self.training_step(batch.pixel_values, batch.unreadable)
                     self._record(result)
                     self.state.seconds = time.perf_counter() - started
                     self._report(progress, result)
@@ -687,8 +706,8 @@ class SinderTrainer:
         Returns the checkpoint directory (on every process).
         """
         target = self.checkpoint_dir / f"step-{self.state.step:07d}"
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+
+        def write() -> None:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             temporary = self.checkpoint_dir / f".tmp-{target.name}"
             shutil.rmtree(temporary, ignore_errors=True)
@@ -705,7 +724,8 @@ class SinderTrainer:
                 if old != target:
                     shutil.rmtree(old, ignore_errors=True)
             logger.info("Saved checkpoint %s.", target)
-        self.accelerator.wait_for_everyone()
+
+        run_on_main_process(self.accelerator, write)
         return target
 
     def load_checkpoint(self, checkpoint: Path) -> None:
@@ -715,11 +735,9 @@ class SinderTrainer:
         data["recent"] = [tuple(entry) for entry in data["recent"]]
         self.state = TrainerState(**data)
         self.state.stop_reason = None
+        self._unreadable_log.merge(self.state.unreadable)
         optimizer_state = torch.load(checkpoint / CHECKPOINT_OPTIMIZER_FILE, map_location=self.accelerator.device)
         self.optimizer.load_state_dict(optimizer_state)
-
-
-_EXHAUSTED = object()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -12,8 +12,9 @@ It answers the requests `HfApi.create_repo` and `HfApi.upload_folder` send (hugg
   `content`): the decoded files are recorded; any other kind of line (LFS, deletion) is refused with 400.
 
 Every request is recorded. A request whose `Authorization` header is not `Bearer <token>` gets 401, as the Hub
-answers a bad token. The server serves at most `max_requests` requests (then 400) and waits at most 10 seconds on a
-client, so that a misbehaving client can neither loop nor hang it.
+answers a bad token; with `fail_with=STATUS`, every other request gets that status (e.g. 500, a Hub outage). The
+server serves at most `max_requests` requests (then 400) and waits at most 10 seconds on a client, so that a
+misbehaving client can neither loop nor hang it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class FakeHubState:
 
     token: str
     max_requests: int
+    fail_with: int | None = None
     endpoint: str = ""
     requests: list[RecordedRequest] = field(default_factory=list)
     created: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -115,6 +117,9 @@ class FakeHubHandler(BaseHTTPRequestHandler):
         if self.headers.get("Authorization") != f"Bearer {self.state.token}":
             message = "Invalid credentials in Authorization header"
             self._send_json(401, {"error": message}, extra_headers={"X-Error-Message": message})
+            return False
+        if self.state.fail_with is not None:
+            self._send_json(self.state.fail_with, {"error": "The fake Hub is told to fail."})
             return False
         return True
 
@@ -194,8 +199,8 @@ class FakeHub:
             (`files`, repo id -> path -> bytes; `commits`).
     """
 
-    def __init__(self, *, token: str, max_requests: int = 32) -> None:
-        self.state = FakeHubState(token=token, max_requests=max_requests)
+    def __init__(self, *, token: str, max_requests: int = 32, fail_with: int | None = None) -> None:
+        self.state = FakeHubState(token=token, max_requests=max_requests, fail_with=fail_with)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHubHandler)
         self._server.state = self.state  # type: ignore[attr-defined]
         host, port = self._server.server_address[:2]

@@ -48,7 +48,7 @@ def test_training_step_on_cuda(tmp_path: Path, mixed_precision: str, fresh_accel
     assert accelerator.device.type == "cuda"
     trainer = SinderTrainer(model, directions, TrainingArguments(save_every=0), accelerator, tmp_path)
     dataset = build_dataset(None, 224, 14)
-    pixel_values = collate_images([dataset[0]])["pixel_values"]
+    pixel_values = collate_images([dataset[0]]).pixel_values
     before = [p.detach().clone() for p in trainer.parameters]
     result = trainer.training_step(pixel_values)
     assert result["defective"] == 1 and result["nonfinite"] == 0.0

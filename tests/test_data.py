@@ -18,6 +18,8 @@ from sinder_peft.data import (
     HFImageIterableDataset,
     ImageFileDataset,
     ImageFolderDataset,
+    UnreadableImage,
+    UnreadableImageLog,
     build_dataset,
     collate_images,
     denormalize_image,
@@ -120,38 +122,47 @@ def image_folder(tmp_path: Path) -> Path:
     return root
 
 
-def test_image_folder_dataset_finds_sorted_images_and_skips_unreadable(
-    image_folder: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    with caplog.at_level(logging.WARNING, logger="sinder_peft.data"):
-        dataset = ImageFolderDataset(image_folder, 42, 14, IMAGENET)
-    names = [path.relative_to(image_folder).as_posix() for path in dataset.files]
-    assert names == ["a_first.jpg", "b/deeper/w.webp", "b/middle.JPEG", "z_last.PNG"]
-    assert dataset.num_unreadable == 1
-    assert "broken.jpg" in caplog.text
-    assert len(dataset) == 4
-    item = dataset[1]
-    assert item["path"] == str(image_folder / "b" / "deeper" / "w.webp")
+def test_image_folder_dataset_lists_sorted_images_and_reports_unreadable_when_read(image_folder: Path) -> None:
+    dataset = ImageFolderDataset(image_folder, 42, 14, IMAGENET)
+    names = [dataset.file(index).relative_to(image_folder).as_posix() for index in range(len(dataset))]
+    assert names == ["a_first.jpg", "b/broken.jpg", "b/deeper/w.webp", "b/middle.JPEG", "z_last.PNG"]
+    item = dataset[2]
+    assert item["path"] == str(image_folder / "b" / "deeper" / "w.webp") and item["index"] == 2
     webp = Image.open(image_folder / "b" / "deeper" / "w.webp")
     torch.testing.assert_close(item["pixel_values"], prepare_image(webp, 42, 14, IMAGENET, square=True))
-    assert all(dataset[index]["pixel_values"].shape == (3, 42, 42) for index in range(len(dataset)))
+    broken = dataset[1]
+    assert isinstance(broken, UnreadableImage)
+    assert broken.name == str(image_folder / "b" / "broken.jpg") and broken.index == 1
+    assert "Cannot read the image" in broken.reason
+    assert all(dataset[index]["pixel_values"].shape == (3, 42, 42) for index in (0, 2, 3, 4))
 
 
-def test_truncated_image_is_dropped_at_access_time(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_truncated_and_too_small_images_are_found_when_read_and_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     random_image(64, 64, seed=5).save(tmp_path / "good.png")
     random_image(64, 64, seed=6).save(tmp_path / "cut.jpg", format="JPEG", quality=95)
+    random_image(10, 12, seed=7).save(tmp_path / "tiny.png")
     data = (tmp_path / "cut.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     dataset = ImageFolderDataset(tmp_path, 42, 14, IMAGENET)
-    assert len(dataset) == 2 and dataset.num_unreadable == 0
-    with caplog.at_level(logging.WARNING, logger="sinder_peft.data"):
-        items = [dataset[0], dataset[1]]
-    assert items[0] is None and items[1]["path"].endswith("good.png")
-    assert dataset.num_unreadable == 1 and "cut.jpg" in caplog.text
+    assert len(dataset) == 3
+    items = [dataset[index] for index in range(3)]
     batch = collate_images(items)
-    assert batch is not None and batch["paths"] == [str(tmp_path / "good.png")]
-    assert batch["pixel_values"].shape == (1, 3, 42, 42)
-    assert collate_images([None, None]) is None
+    assert batch.paths == [str(tmp_path / "good.png")] and batch.indices == [1]
+    assert batch.pixel_values.shape == (1, 3, 42, 42)
+    assert [image.name for image in batch.unreadable] == [str(tmp_path / "cut.jpg"), str(tmp_path / "tiny.png")]
+    assert "smaller than one 14x14 patch" in batch.unreadable[1].reason
+
+    log = UnreadableImageLog()
+    with caplog.at_level(logging.WARNING, logger="sinder_peft.data"):
+        assert log.add(batch.unreadable) == [str(tmp_path / "cut.jpg"), str(tmp_path / "tiny.png")]
+        assert log.add(collate_images([dataset[0], dataset[2]]).unreadable) == []  # a second epoch
+    assert len(log) == 2
+    warned = [record.getMessage() for record in caplog.records]
+    assert len(warned) == 2 and "cut.jpg" in warned[0] and "tiny.png" in warned[1]
+    empty = collate_images([dataset[0]])
+    assert empty.pixel_values is None and empty.paths == [] and len(empty.unreadable) == 1
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:
@@ -163,18 +174,15 @@ def test_image_folder_errors(tmp_path: Path) -> None:
         ImageFolderDataset(tmp_path / "empty", 42, 14)
     with pytest.raises(NotADirectoryError):
         ImageFolderDataset(tmp_path / "empty" / "sub" / "readme.md", 42, 14)
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "x.png").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="None of the 1 files"):
-        ImageFolderDataset(tmp_path / "bad", 42, 14)
 
 
 def test_collate_images_stacks_and_refuses_mixed_sizes() -> None:
-    first = {"pixel_values": torch.zeros(3, 28, 42), "path": "a"}
-    second = {"pixel_values": torch.ones(3, 28, 42), "path": "b"}
-    batch = collate_images([first, None, second])
-    assert batch["paths"] == ["a", "b"]
-    torch.testing.assert_close(batch["pixel_values"], torch.stack([first["pixel_values"], second["pixel_values"]]))
+    first = {"pixel_values": torch.zeros(3, 28, 42), "path": "a", "index": 4}
+    second = {"pixel_values": torch.ones(3, 28, 42), "path": "b", "index": 7}
+    batch = collate_images([first, UnreadableImage("c", 5, "broken"), second])
+    assert batch.paths == ["a", "b"] and batch.indices == [4, 7]
+    assert [image.name for image in batch.unreadable] == ["c"]
+    torch.testing.assert_close(batch.pixel_values, torch.stack([first["pixel_values"], second["pixel_values"]]))
     with pytest.raises(ValueError, match="different sizes"):
         collate_images([first, {"pixel_values": torch.zeros(3, 42, 42), "path": "c"}])
 
@@ -214,9 +222,7 @@ def test_hf_dataset_from_save_to_disk(tmp_path: Path, hf_images: list[Image.Imag
         HFImageDataset(str(tmp_path / "saved"), 42, 14)
 
 
-def test_hf_dataset_dict_splits_and_corrupt_rows(
-    tmp_path: Path, hf_images: list[Image.Image], caplog: pytest.LogCaptureFixture
-) -> None:
+def test_hf_dataset_dict_splits_and_corrupt_rows(tmp_path: Path, hf_images: list[Image.Image]) -> None:
     import datasets
 
     corrupt = {"bytes": b"not an image", "path": None}
@@ -227,13 +233,13 @@ def test_hf_dataset_dict_splits_and_corrupt_rows(
     dataset = HFImageDataset(str(tmp_path / "dict"), 42, 14, IMAGENET, split="validation", square=False)
     assert len(dataset) == 2
     torch.testing.assert_close(dataset[0]["pixel_values"], prepare_image(hf_images[2], 42, 14, IMAGENET))
-    with caplog.at_level(logging.WARNING, logger="sinder_peft.data"):
-        assert dataset[1] is None
-    assert dataset.num_unreadable == 1 and "validation:1" in caplog.text
+    unreadable = dataset[1]
+    assert isinstance(unreadable, UnreadableImage) and unreadable.name.endswith("validation:1")
 
     streamed = HFImageIterableDataset(str(tmp_path / "dict"), 42, 14, IMAGENET, split="validation")
-    assert [item["path"].rsplit(":", 1)[1] for item in streamed] == ["0"]
-    assert streamed.num_unreadable == 1
+    items = list(streamed)
+    assert items[0]["path"].endswith("validation:0") and items[0]["index"] == 0
+    assert isinstance(items[1], UnreadableImage) and items[1].index == 1
 
     with pytest.raises(KeyError, match=r"no split 'test'.*'train', 'validation'"):
         HFImageDataset(str(tmp_path / "dict"), 42, 14, split="test")
@@ -255,7 +261,7 @@ def test_hf_dataset_through_load_dataset(
 
 def test_build_dataset_dispatch(image_folder: Path) -> None:
     folder = build_dataset(image_folder, 42, 14, IMAGENET)
-    assert isinstance(folder, ImageFolderDataset) and len(folder) == 4
+    assert isinstance(folder, ImageFolderDataset) and len(folder) == 5
     with pytest.raises(FileNotFoundError, match="does not exist and is not a 🤗 datasets name"):
         build_dataset("./no/such/folder", 42, 14)
 
@@ -265,7 +271,7 @@ def test_build_dataset_demo_images() -> None:
 
     demo = build_dataset(None, 56, 14)
     assert isinstance(demo, ImageFileDataset)
-    assert demo.files == [Path(path) for path in demo_image_paths()]
+    assert [demo.file(index) for index in range(len(demo))] == [Path(path) for path in demo_image_paths()]
     item = demo[0]
     assert item["pixel_values"].shape == (3, 56, 56)
     torch.testing.assert_close(

@@ -36,7 +36,7 @@ from sinder_peft.trainer import (
 
 def demo_batch(count: int = 3) -> torch.Tensor:
     dataset = build_dataset(None, 224, 14)
-    return collate_images([dataset[index] for index in range(count)])["pixel_values"]
+    return collate_images([dataset[index] for index in range(count)]).pixel_values
 
 
 def make_trainer(
@@ -256,7 +256,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path: Path) -> No
     "case, message",
     [
         ("empty folder", "holds no image"),
-        ("corrupt image", "None of the 1 files given is a readable image"),
+        ("corrupt image", "The data holds no usable image: all 1 images read were unreadable"),
         ("wrong model", "model_type='vit'"),
         ("too small", "smaller than 3×3 patches"),
         ("missing model", "does not exist"),
@@ -376,7 +376,7 @@ if accelerator.process_index == 0:
     batch = demo_batch(1)
 else:
     Image.new("RGB", (224, 224), (60, 90, 120)).save({str(tmp_path / "plain" / "plain.png")!r})
-    batch = collate_images([build_dataset({str(tmp_path / "plain")!r}, 224, 14)[0]])["pixel_values"]
+    batch = collate_images([build_dataset({str(tmp_path / "plain")!r}, 224, 14)[0]]).pixel_values
 for _ in range(2):
     result = trainer.training_step(batch)
     assert result["images"] == 2 and result["defective"] == 1, result

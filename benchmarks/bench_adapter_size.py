@@ -2,7 +2,7 @@
 
 A SINDER adapter stores, per targeted linear layer (`v_proj`, `o_proj` and every MLP projection: `fc1`, `fc2`, or
 `gate_proj`, `up_proj`, `down_proj` for ViT-g), one shift per singular value (`min(in, out)` float32 values) and a
-spectrum fingerprint (`FINGERPRINT_TOP_VALUES + 1` = 5 float32 values). The shapes come from the Hub configs of
+spectrum fingerprint (`FINGERPRINT_SIZE` = 6 float32 values). The shapes come from the Hub configs of
 facebook/dinov2-{small,base,large,giant} (the with-registers checkpoints have the same linear layers; their
 parameter count adds 4 register tokens); the models are built on the meta device, so nothing is downloaded or
 allocated.
@@ -48,11 +48,10 @@ from transformers import Dinov2Model, Dinov2WithRegistersModel
 
 from sinder_peft import SinderConfig
 from sinder_peft.architectures import describe_config
-from sinder_peft.layer import FINGERPRINT_TOP_VALUES
+from sinder_peft.layer import FINGERPRINT_SIZE
 from sinder_peft.trainer import gradient_window
 
 FLOAT32_BYTES = 4
-FINGERPRINT_SIZE = FINGERPRINT_TOP_VALUES + 1
 
 
 def adapter_layout(config: Any) -> dict[str, Any]:
@@ -234,8 +233,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "adapter bytes, window",
     ]
     print(format_table(headers, rows) + "\n")
-    print("Adapter bytes = 4 x (delta entries + 5 fingerprint values per targeted layer); the safetensors file adds")
-    print(f"a JSON header. Window case: {payload['assumptions']['window']}.\n")
+    print(
+        f"Adapter bytes = 4 x (delta entries + {FINGERPRINT_SIZE} fingerprint values per targeted layer); the "
+        f"safetensors file adds a JSON header. Window case: {payload['assumptions']['window']}.\n"
+    )
     print("## Saved adapters of a random model: file against formula\n")
     rows = [
         [

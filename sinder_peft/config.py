@@ -29,10 +29,10 @@ class SinderConfig(PeftConfig):
             blocks that can receive gradients.
         layers_pattern (`Optional[Union[list[str], str]]`):
             Name of the `nn.ModuleList` holding the blocks, used with `layers_to_transform` (`"layer"` for DINOv2).
-        fingerprint_rtol (`float`):
-            Tolerance of the base-model check done when an adapter is loaded: each targeted weight's spectrum
-            fingerprint (its largest singular values and their sum) must match the saved one within this fraction of
-            the largest singular value. Loading onto a different base model is refused.
+        fingerprint_rtol (`Optional[float]`):
+            Read from adapter configs written by sinder-peft 0.1.0 and not used: the base-model check done when an
+            adapter is loaded now compares each fingerprinted singular value within the change that rounding to the
+            weights' dtype can make to it (see `sinder_peft.layer.fingerprint_tolerances`).
     """
 
     target_modules: list[str] | str | None = field(
@@ -53,9 +53,9 @@ class SinderConfig(PeftConfig):
     layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the ModuleList of blocks, used with layers_to_transform."}
     )
-    fingerprint_rtol: float = field(
-        default=1e-2,
-        metadata={"help": "Relative tolerance of the base-model spectrum check done when an adapter is loaded."},
+    fingerprint_rtol: float | None = field(
+        default=None,
+        metadata={"help": "Written by sinder-peft 0.1.0; not used (the fingerprint tolerance follows from rounding)."},
     )
 
     def __post_init__(self) -> None:
@@ -71,5 +71,3 @@ class SinderConfig(PeftConfig):
             raise ValueError("`layers_pattern` only makes sense together with `layers_to_transform`.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
-        if not self.fingerprint_rtol > 0:
-            raise ValueError(f"`fingerprint_rtol` must be positive, got {self.fingerprint_rtol}.")

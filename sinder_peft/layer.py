@@ -19,13 +19,24 @@ The SVD is of the *original* base weight `W0` and is computed once, when the lay
 non-persistent buffers (never saved: reloading recomputes them from the base weights). Merging adds
 `U diag(delta) V^T` to the base weight, unmerging subtracts it.
 
-A small fingerprint of the spectrum (the four largest singular values and the sum of all of them) is saved with each
-adapter; loading an adapter whose fingerprint does not match the base weight it is loaded onto raises an error, so an
-adapter cannot be silently applied to the wrong base model.
+A small fingerprint of the spectrum (the four largest singular values, the sum of all of them, and the rounding unit of
+the weight's dtype) is saved with each adapter; loading an adapter whose fingerprint does not match the base weight it
+is loaded onto raises an error, so an adapter cannot be silently applied to the wrong base model, or twice to a model
+it is already merged into. Each fingerprinted value is compared with a tolerance of its own, the change that rounding
+the weight to the coarser of the two dtypes (float32, bfloat16...) can make to it: see `fingerprint_tolerances`.
+
+What the fingerprint catches: a different base model (its spectra differ by far more than rounding); a model into
+which the adapter is already merged, as soon as the adapter shifts one of the four largest singular values of some
+layer by more than the rounding tolerance (for a bfloat16 weight with a flat spectrum about 1.5 % of that value, far
+less for the peaked spectra of trained weights; for float32, about 1e-7) or their sum by more than its tolerance.
+What it cannot catch: an adapter whose shifts of every layer leave the four largest singular values and the sum
+within rounding (e.g. shifts of small singular values that cancel in the sum), and changes of the singular vectors
+that keep every fingerprinted value (a rotation of the weight).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -38,19 +49,55 @@ from torch.nn import functional as F
 from .config import SinderConfig
 
 FINGERPRINT_TOP_VALUES = 4
+FINGERPRINT_SIZE = FINGERPRINT_TOP_VALUES + 2
+"""Values saved per adapted layer: the top singular values, their sum, the rounding unit of the weight's dtype."""
+FINGERPRINT_ROUNDING_SLACK = 2.0
+"""Tolerances are this many times the estimated spectral norm of the weight's rounding error (see
+`fingerprint_tolerances`): twice the typical change, five times below a shift of 2 % of the largest singular value of
+a bfloat16 weight with a flat spectrum."""
 
 
-def spectrum_fingerprint(singular_values: torch.Tensor) -> torch.Tensor:
-    """Return a float32 vector summarising a spectrum: its `FINGERPRINT_TOP_VALUES` largest values (zero-padded) and
-    the sum of all of them.
+def rounding_unit(dtype: torch.dtype) -> float:
+    """Return the unit roundoff of a floating dtype: half its machine epsilon (2⁻²⁴ for float32, 2⁻⁸ for bfloat16)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def spectrum_fingerprint(singular_values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Return a float32 vector summarising the spectrum of a weight of dtype `dtype`: its `FINGERPRINT_TOP_VALUES`
+    largest singular values (zero-padded), the sum of all of them, and `rounding_unit(dtype)`.
 
     Two weights of the same shape from different checkpoints differ in these numbers by far more than float32 or
     bfloat16 rounding does, which makes the vector a cheap check that an adapter is loaded onto its own base model.
+    The rounding unit tells the check how precise the saved values are.
     """
     top = torch.zeros(FINGERPRINT_TOP_VALUES, dtype=torch.float64, device=singular_values.device)
     count = min(FINGERPRINT_TOP_VALUES, singular_values.numel())
     top[:count] = singular_values[:count].to(torch.float64)
-    return torch.cat([top, singular_values.to(torch.float64).sum().reshape(1)]).to(torch.float32)
+    total = singular_values.to(torch.float64).sum().reshape(1)
+    unit = torch.tensor([rounding_unit(dtype)], dtype=torch.float64, device=singular_values.device)
+    return torch.cat([top, total, unit]).to(torch.float32)
+
+
+def fingerprint_tolerances(singular_values: torch.Tensor, shape: tuple[int, int], unit: float) -> torch.Tensor:
+    """Return, for each value of `spectrum_fingerprint`'s top values and sum, how far rounding can move it.
+
+    Rounding an m×n weight W to a dtype of unit roundoff u changes each entry by at most u·|w|, a perturbation E
+    whose spectral norm is about u·rms(W)·(√m + √n)/√3 for the unstructured rounding errors of a real weight, and
+    by Weyl's inequality no singular value moves by more than ‖E‖₂. Each top value gets
+    `FINGERPRINT_ROUNDING_SLACK`·u·rms(W)·(√m + √n), and the sum of the r singular values √r times that (their
+    rounding changes are nearly independent). A float64 floor of 1e-9 times the largest value covers the SVD's own
+    rounding.
+
+    Returns a float64 vector of `FINGERPRINT_TOP_VALUES` + 1 tolerances.
+    """
+    values = singular_values.to(torch.float64)
+    rows, columns = shape
+    rms = values.square().sum().sqrt() / math.sqrt(rows * columns)
+    spread = FINGERPRINT_ROUNDING_SLACK * unit * rms * (math.sqrt(rows) + math.sqrt(columns))
+    floor = 1e-9 * values.max()
+    per_value = torch.full((FINGERPRINT_TOP_VALUES,), float(spread + floor), dtype=torch.float64)
+    total = float(spread * math.sqrt(values.numel()) + floor)
+    return torch.cat([per_value, torch.tensor([total], dtype=torch.float64)])
 
 
 def _factor_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -119,20 +166,27 @@ class SinderLayer(BaseTunerLayer):
         """Add adapter `adapter_name`: a zero shift (float32, or float64 on a float64 base) and the spectrum
         fingerprint of the base weight."""
         self.sinder_delta[adapter_name] = nn.Parameter(torch.zeros_like(self.sinder_s))
-        self.sinder_fingerprint[adapter_name] = spectrum_fingerprint(self.sinder_s)
-        self.fingerprint_rtol = config.fingerprint_rtol
+        self.sinder_fingerprint[adapter_name] = spectrum_fingerprint(self.sinder_s, self.get_base_layer().weight.dtype)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """Return `U diag(delta) V^T` of one adapter in the base weight's dtype: what merging adds to the weight.
+        """Return `U diag(delta) V^T` of one adapter in the base weight's dtype: what merging adds to the weight."""
+        return self._float64_delta_weight(adapter_name).to(self.get_base_layer().weight.dtype)
 
-        Computed in float64 so that merging and unmerging are exact to the base dtype's rounding.
-        """
+    def _float64_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Return `U diag(delta) V^T` of one adapter in float64."""
         delta = self.sinder_delta[adapter_name].detach().to(torch.float64)
         left = self.sinder_u.to(torch.float64)
         right_transposed = self.sinder_vh.to(torch.float64)
-        delta_weight = (left * delta) @ right_transposed
-        return delta_weight.to(self.get_base_layer().weight.dtype)
+        return (left * delta) @ right_transposed
+
+    def _shifted_base_weight(self, adapter_name: str, sign: float) -> torch.Tensor:
+        """Return the base weight plus (`sign` = 1) or minus (`sign` = -1) an adapter's `U diag(delta) V^T`, added in
+        float64 and rounded once to the base weight's dtype: a bfloat16 weight is rounded once, not once for the
+        delta and again for the sum."""
+        weight = self.get_base_layer().weight.data
+        shifted = weight.to(torch.float64) + sign * self._float64_delta_weight(adapter_name)
+        return shifted.to(weight.dtype)
 
     def _shifted_singular_values(self) -> torch.Tensor:
         """Return `S + sum(delta)` over the adapters that act on the output: merged ones (already in the base weight,
@@ -154,7 +208,8 @@ class Linear(nn.Module, SinderLayer):
         self.update_layer(adapter_name, config)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add `U diag(delta) V^T` of the given (default: active) adapters to the base weight.
+        """Add `U diag(delta) V^T` of the given (default: active) adapters to the base weight (in float64, rounded
+        once to the weight's dtype).
 
         Args:
             safe_merge: compute the merged weight in a copy first and refuse it if it holds NaN or inf.
@@ -165,7 +220,7 @@ class Linear(nn.Module, SinderLayer):
         for adapter_name in adapter_names:
             if adapter_name not in self.sinder_delta:
                 continue
-            merged_weight = base_layer.weight.data + self.get_delta_weight(adapter_name)
+            merged_weight = self._shifted_base_weight(adapter_name, 1.0)
             if safe_merge and not torch.isfinite(merged_weight).all():
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken."
@@ -182,7 +237,7 @@ class Linear(nn.Module, SinderLayer):
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
             if adapter_name in self.sinder_delta:
-                base_layer.weight.data = base_layer.weight.data - self.get_delta_weight(adapter_name)
+                base_layer.weight.data = self._shifted_base_weight(adapter_name, -1.0)
 
     def effective_weight(self) -> torch.Tensor:
         """Return the weight this layer currently applies, differentiable in the active shifts.
@@ -229,24 +284,47 @@ def _check_fingerprints_on_load(
 ) -> None:
     """`load_state_dict` pre-hook: refuse saved shifts whose spectrum fingerprint does not match this base weight.
 
-    The fingerprint of the base weight is recomputed at injection, so a mismatch means the adapter was trained on a
-    different base model (or the base weights were modified, e.g. already merged), and its shifts would be applied
-    to the wrong singular vectors.
+    The fingerprint of the base weight is recomputed at injection. Each of its top values and its sum is compared
+    with the saved one within a tolerance of its own (`fingerprint_tolerances`), for the coarser of the saved and the
+    current weight's dtype. A mismatch means the adapter was trained on a different base model, or on this one
+    before the adapter was merged into it, and its shifts would be applied to the wrong singular values. Fingerprints
+    saved by sinder-peft 0.1.0 (without the rounding unit) are compared at the current weight's rounding unit.
     """
     key_prefix = f"{prefix}sinder_fingerprint."
-    expected = spectrum_fingerprint(module.sinder_s)
+    weight = module.get_base_layer().weight
+    current_unit = rounding_unit(weight.dtype)
+    compared = FINGERPRINT_SIZE - 1
     for key, saved in state_dict.items():
         if not key.startswith(key_prefix):
             continue
-        saved = saved.to(device=expected.device, dtype=torch.float32)
-        tolerance = module.fingerprint_rtol * float(expected.abs().max())
-        if saved.shape != expected.shape or float((saved - expected).abs().max()) > tolerance:
+        saved = saved.detach().to(device="cpu", dtype=torch.float64)
+        if saved.ndim != 1 or saved.numel() not in (compared, compared + 1):
             raise ValueError(
-                f"The SINDER adapter does not belong to this base model: the saved spectrum fingerprint of "
-                f"'{prefix.rstrip('.')}' is {saved.tolist()}, but the base weight gives {expected.tolist()} "
-                f"(relative tolerance {module.fingerprint_rtol}). Load the adapter onto the base model it was "
-                "trained from (and not onto an already merged model)."
+                f"The SINDER adapter's fingerprint of '{prefix.rstrip('.')}' has shape {tuple(saved.shape)}; expected "
+                f"{compared + 1} values. The adapter file is damaged or was not written by sinder-peft."
             )
+        if saved.numel() == compared:
+            # Written by sinder-peft 0.1.0: give it the rounding unit of this weight, the shape the buffer has now.
+            state_dict[key] = torch.cat([saved, torch.tensor([current_unit], dtype=torch.float64)]).to(torch.float32)
+        unit = max(current_unit, float(saved[compared])) if saved.numel() > compared else current_unit
+        values = module.sinder_s.detach().to(device="cpu", dtype=torch.float64)
+        expected = spectrum_fingerprint(values, weight.dtype).to(torch.float64)[:compared]
+        tolerances = fingerprint_tolerances(values, tuple(weight.shape), unit)
+        differences = (saved[:compared] - expected).abs()
+        if bool((differences <= tolerances).all()):
+            continue
+        worst = int((differences / tolerances).argmax())
+        what = f"singular value {worst + 1}" if worst < FINGERPRINT_TOP_VALUES else "sum of the singular values"
+        relative = float(differences[worst] / expected[worst].abs().clamp_min(1e-30))
+        raise ValueError(
+            f"The SINDER adapter does not match the base weight of '{prefix.rstrip('.')}': its {what} is "
+            f"{float(expected[worst]):.6g} here but was {float(saved[worst]):.6g} when the adapter was made "
+            f"({100 * relative:.3g} % apart; rounding to {weight.dtype} explains at most "
+            f"{100 * float(tolerances[worst] / expected[worst].abs().clamp_min(1e-30)):.3g} %). Either this model "
+            "already has the adapter merged into it (e.g. the `model/` of a `sinder repair` run, or the result of "
+            "`merge_and_unload`): use it as it is, without the adapter; or it is another model: load the adapter onto "
+            "the base model it was trained from (`base_model_name_or_path` in adapter_config.json)."
+        )
 
 
 def effective_linear_weight(module: nn.Module) -> torch.Tensor:

@@ -294,9 +294,119 @@ def test_adapter_refused_on_wrong_base(tmp_path: Path) -> None:
     randomize_deltas(peft_model)
     peft_model.save_pretrained(tmp_path / "adapter")
     assert isinstance(PeftConfig.from_pretrained(tmp_path / "adapter"), SinderConfig)
-    with pytest.raises(ValueError, match="does not belong to this base model"):
+    with pytest.raises(ValueError, match="does not match the base weight"):
         PeftModel.from_pretrained(tiny_dinov2("gelu", seed=1), tmp_path / "adapter")
     # an already merged model is a wrong base too
     merged = peft_model.merge_and_unload()
-    with pytest.raises(ValueError, match="does not belong to this base model"):
+    with pytest.raises(ValueError, match="already has the adapter merged into it"):
         PeftModel.from_pretrained(merged, tmp_path / "adapter")
+
+
+def shift_one_singular_value(peft_model: nn.Module, fraction: float) -> str:
+    """Set every shift to zero but one: the largest singular value of the adapted layer where it is largest moves by
+    `fraction` of itself. Returns that layer's name."""
+    layers = [(n, m) for n, m in peft_model.named_modules() if isinstance(m, SinderLinear)]
+    name, layer = max(layers, key=lambda pair: float(pair[1].sinder_s[0]))
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, SinderLinear):
+                module.sinder_delta["default"].zero_()
+        layer.sinder_delta["default"][0] = fraction * layer.sinder_s[0]
+    return name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("source", ["random", "demo"])
+def test_a_two_percent_shift_is_refused_on_the_merged_model(tmp_path: Path, dtype: torch.dtype, source: str) -> None:
+    """The double repair of the issue: an adapter that moves one layer's largest singular value by 2 % is loaded onto
+    the model it was already merged into (saved and reloaded, as a `sinder repair` model/ would be)."""
+    from sinder_peft.demo import build_demo_model
+
+    base = (tiny_dinov2("gelu", seed=3) if source == "random" else build_demo_model()).to(dtype)
+    peft_model = get_peft_model(base, SinderConfig(layers_to_transform=[0]))
+    layer_name = shift_one_singular_value(peft_model, 0.02)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    merged = type(base).from_pretrained(tmp_path / "merged")
+    assert next(merged.parameters()).dtype == dtype
+    with pytest.raises(ValueError, match="already has the adapter merged into it") as raised:
+        PeftModel.from_pretrained(merged, tmp_path / "adapter")
+    assert layer_name.split("base_model.model.", 1)[1] in str(raised.value)
+    assert "singular value 1" in str(raised.value) and "use it as it is" in str(raised.value)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rounding_between_float32_and_bfloat16_is_accepted(tmp_path: Path, kind: str) -> None:
+    """An adapter made on a float32 model loads onto the same model in bfloat16, and one made in bfloat16 onto the
+    float32 original: rounding is not a different base model."""
+    peft_model = get_peft_model(tiny_dinov2(kind, seed=4), SinderConfig())
+    randomize_deltas(peft_model)
+    peft_model.save_pretrained(tmp_path / "float32")
+    PeftModel.from_pretrained(tiny_dinov2(kind, seed=4).to(torch.bfloat16), tmp_path / "float32")
+    bfloat16_model = get_peft_model(tiny_dinov2(kind, seed=4).to(torch.bfloat16), SinderConfig())
+    randomize_deltas(bfloat16_model)
+    bfloat16_model.save_pretrained(tmp_path / "bfloat16")
+    PeftModel.from_pretrained(tiny_dinov2(kind, seed=4), tmp_path / "bfloat16")
+
+
+def test_fingerprint_tolerance_is_per_value_and_per_dtype() -> None:
+    """Independent check of the tolerance against the rounding error it stands for: the largest change of a singular
+    value caused by rounding a weight to bfloat16 stays below the tolerance, and 2 % of the top values stays above."""
+    from sinder_peft.layer import fingerprint_tolerances, rounding_unit
+
+    generator = torch.Generator().manual_seed(0)
+    for rows, columns in ((64, 64), (64, 256), (256, 64)):
+        weight = torch.randn(rows, columns, generator=generator, dtype=torch.float64) * 0.02
+        values = torch.linalg.svdvals(weight)
+        rounded = torch.linalg.svdvals(weight.to(torch.bfloat16).to(torch.float64))
+        tolerance = fingerprint_tolerances(values, (rows, columns), rounding_unit(torch.bfloat16))
+        assert (rounded[:4] - values[:4]).abs().max() < tolerance[:4].min() / 1.5
+        assert (rounded.sum() - values.sum()).abs() < tolerance[4]
+        assert (0.02 * values[:4] > tolerance[:4]).all()
+        float32 = fingerprint_tolerances(values, (rows, columns), rounding_unit(torch.float32))
+        assert (float32 < tolerance / 1000).all()
+
+
+def test_adapter_saved_by_release_0_1_0_loads_and_gives_the_same_model(pixel_values: torch.Tensor) -> None:
+    """`tests/data/adapter-0.1.0` was saved by sinder-peft 0.1.0 (fingerprints without the rounding unit,
+    `fingerprint_rtol` in its config) on `tiny_dinov2("gelu", seed=0)`, shifts on blocks 0 and 2. It must load and
+    apply W + U diag(delta) V^T, computed here from the saved shifts with an independent SVD."""
+    from safetensors.torch import load_file
+
+    directory = REPO_ROOT / "tests" / "data" / "adapter-0.1.0"
+    assert json.loads((directory / "adapter_config.json").read_text())["fingerprint_rtol"] == 0.01
+    saved = load_file(directory / "adapter_model.safetensors")
+    assert all(value.numel() == 5 for key, value in saved.items() if "sinder_fingerprint" in key)
+    loaded = PeftModel.from_pretrained(tiny_dinov2("gelu", seed=0), directory)
+
+    expected = tiny_dinov2("gelu", seed=0)
+    with torch.no_grad():
+        for key, delta in saved.items():
+            if "sinder_delta" not in key:
+                continue
+            module_name = key.split("base_model.model.", 1)[1].rsplit(".sinder_delta", 1)[0]
+            linear = expected.get_submodule(module_name)
+            left, values, right = torch.linalg.svd(linear.weight.double(), full_matrices=False)
+            linear.weight.copy_(((left * (values + delta.double())) @ right).float())
+    torch.testing.assert_close(features(loaded, pixel_values), features(expected, pixel_values), rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_merge_rounds_once(pixel_values: torch.Tensor) -> None:
+    """Merging into a bfloat16 weight adds the shift in high precision and rounds once: every merged entry is the
+    bfloat16 number nearest to W + U diag(delta) V^T (two roundings could land one bfloat16 step away)."""
+    model = tiny_dinov2("gelu", seed=5).to(torch.bfloat16)
+    peft_model = get_peft_model(model, SinderConfig())
+    randomize_deltas(peft_model, scale=0.01)
+    layers = [m for m in peft_model.modules() if isinstance(m, SinderLinear)]
+    targets = []
+    for layer in layers:
+        base = layer.get_base_layer().weight.detach().double()
+        left = layer.sinder_u.double()
+        delta = layer.sinder_delta["default"].detach().double()
+        targets.append(base + (left * delta) @ layer.sinder_vh.double())
+    peft_model.merge_and_unload()
+    for layer, target in zip(layers, targets, strict=True):
+        merged = layer.get_base_layer().weight.detach()
+        assert merged.dtype == torch.bfloat16
+        nearest = target.to(torch.bfloat16)
+        assert torch.equal(merged, nearest), (merged.double() - nearest.double()).abs().max()

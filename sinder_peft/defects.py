@@ -1,4 +1,4 @@
-"""Singular defect directions (METHOD.md §1) and defect-token detection (METHOD.md §2).
+"""Singular defect directions (docs/method.md §1) and defect-token detection (docs/method.md §2).
 
 A DINOv2 block, linearized around the residual stream and stripped of its biases and of the 1/σ scale of its
 LayerNorms, is an N×N matrix B_l = A_mlp · A_attn with
@@ -327,7 +327,7 @@ def linearized_block(
     num_samples: int = 100_000,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Return B_l = A_mlp · A_attn, the linearization of one block (METHOD.md §1): an N×N float64 matrix.
+    """Return B_l = A_mlp · A_attn, the linearization of one block (docs/method.md §1): an N×N float64 matrix.
 
     Args:
         block: one transformer block (`get_blocks(model)[l]`), possibly with adapter-wrapped projections.
@@ -410,7 +410,7 @@ def defect_token_mask(cosines: torch.Tensor, mask_thr: float = 4.0, border: int 
 
     `cosines` is [..., H, W] (e.g. [B, H, W]); the statistics are taken per grid (per image, and per layer when
     there is a layer axis) over *all* H·W tokens, border included, with the unbiased standard deviation — exactly
-    as the reference implementation does (METHOD.md §2 writes the same test on −c). Tokens in the border ring of
+    as the reference implementation does. Tokens in the border ring of
     width `border` are never flagged, since the smoothing window of the loss does not fit around them.
 
     Returns:
@@ -563,7 +563,7 @@ def find_defect_tokens(
     kernel: int = 3,
     norm_threshold: float | None = None,
 ) -> DefectAnalysis:
-    """Run the model block by block on `pixel_values` and report its defect tokens at every layer (METHOD.md §2).
+    """Run the model block by block on `pixel_values` and report its defect tokens at every layer (docs/method.md §2).
 
     The embeddings and each block are run under `torch.no_grad()` (the full forward is not called, so the output of
     every block is seen before the final LayerNorm). The model runs in its current mode: call `model.eval()` first

@@ -123,7 +123,7 @@ def diagnose(
         images: image files or folders of images; may be empty with `model="demo"` (the bundled demo images).
         output_dir: directory for `report.json`, `NAME_diagnosis.png` per image and `layer_norms.png` (created).
         resolution: short side of the images after resizing, in pixels (cropped to whole patches).
-        mask_thr: outlier threshold k of the defect-token test (METHOD.md §2).
+        mask_thr: outlier threshold k of the defect-token test (docs/method.md §2).
         min_tokens: flagged tokens from which a layer counts as defective.
         device: where to run the model; default CUDA when available, else CPU.
 

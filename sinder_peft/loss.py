@@ -1,4 +1,4 @@
-"""The smooth neighbourhood loss of SINDER (METHOD.md §3), and a feature-preservation term.
+"""The smooth neighbourhood loss of SINDER (docs/method.md §3), and a feature-preservation term.
 
 A defect token is pulled towards a target T: the average of its K×K neighbourhood, in which every token is weighted
 by a Gaussian kernel times an affinity ``exp(-c / temperature)``, c being the token's absolute cosine to the layer's

@@ -112,7 +112,7 @@ def reference_swiglu_jacobian(
 
 
 def reference_block_matrix(block: torch.nn.Module, swiglu: bool) -> np.ndarray:
-    """B = A_mlp · A_attn of METHOD.md §1, built with explicit dense matrices in numpy float64."""
+    """B = A_mlp · A_attn of docs/method.md §1, built with explicit dense matrices in numpy float64."""
 
     def array(tensor: torch.Tensor) -> np.ndarray:
         return tensor.detach().double().numpy()

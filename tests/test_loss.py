@@ -1,4 +1,4 @@
-"""Tests of the smooth neighbourhood loss against an explicit, loop-based float64 implementation of METHOD.md §3."""
+"""Tests of the smooth neighbourhood loss against an explicit, loop-based float64 version of docs/method.md §3."""
 
 import math
 

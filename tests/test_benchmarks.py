@@ -147,7 +147,7 @@ def test_adapter_size_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     # ViT-S: 12 blocks of v, o (384x384), fc1, fc2 (384x1536): 4 x 384 shifts per block
     small = computed["facebook/dinov2-small"]
     assert small["all_layers"]["delta_entries"] == 12 * 4 * 384
-    assert small["all_layers"]["tensor_bytes"] == 4 * (12 * 4 * 384 + 12 * 4 * 5)
+    assert small["all_layers"]["tensor_bytes"] == 4 * (12 * 4 * 384 + 12 * 4 * 6)
     # ViT-g: 40 SwiGLU blocks, hidden 1536, MLP 4096: v, o, gate, up, down each have 1536 singular values
     giant = computed["facebook/dinov2-giant"]
     assert giant["layout"]["targets"]["mlp.gate_proj"] == [4096, 1536]
@@ -233,3 +233,17 @@ def test_injection_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     for entry in result["projections"].values():
         assert entry["reconstruction_relative_error"] < 1e-6
     assert result["window_s"]["adapter"] == pytest.approx(10 * result["per_block_s"]["adapter"])
+
+
+def test_listing_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_benchmark("bench_listing", monkeypatch)
+    output = tmp_path / "listing.json"
+    module.main(["--quick", "--root", str(tmp_path / "tree"), "--output", str(output)])
+    result = read_json(output)
+    assert [entry["variant"] for entry in result["results"]] == [
+        "list_image_files",
+        "ImageFolderDataset",
+        "rglob (0.1.0)",
+    ]
+    assert all(entry["files"] == 2000 and entry["median_s"] > 0 for entry in result["results"])
+    assert not (tmp_path / "tree" / "train").exists()

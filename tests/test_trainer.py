@@ -439,6 +439,7 @@ def test_push_to_hub_uploads_model_card_and_adapter(tmp_path: Path, monkeypatch:
     expected.update({f"adapter/{path.name}": path.read_bytes() for path in (run / "adapter").iterdir()})
     assert received == expected
     assert "README.md" in received and "adapter/adapter_model.safetensors" in received
+    assert "preprocessor_config.json" in received  # AutoImageProcessor works on the pushed repository
     assert result.report["pushed_to"].startswith(hub.endpoint)
     assert repo_id in (run / "model" / "README.md").read_text()
 

@@ -1,20 +1,54 @@
-"""How to read a transformer block of each supported ViT family.
+"""How to read and run a transformer block of each supported ViT family.
 
-Everything in sinder-peft that needs to know the *structure* of a model (which linear maps form the value/output
-path of attention, where the layer scales live, what kind of MLP a block has, how many non-patch tokens precede the
-patch grid) reads it from one `ArchitectureDescription`. Supporting another ViT family means adding one description
-here, not changing the math in `defects.py` or the adapter defaults in `config.py`.
+Everything in sinder-peft that needs to know the *structure* of a model reads it from one `ArchitectureDescription`:
+which linear maps form the value/output path of attention and the MLP, where the layer scales live (if anywhere),
+how many non-patch tokens precede the patch grid, how pixels become the input of the first block (`embed`) and how
+one block is called (`run_block`). The descriptions are built per family, in one registry keyed by the `model_type`
+of the *backbone's* config (`SUPPORTED_MODEL_TYPES`). Supporting another ViT family means adding one function here,
+not changing the math in `defects.py` or the adapter defaults in `model.py`.
+
+The backbone is the bare vision transformer holding the embeddings, the blocks and the final norm. It may sit inside
+a larger model, which the repair keeps whole: `Dinov2ForImageClassification.dinov2`, `DepthAnythingForDepthEstimation
+.backbone` (a `Dinov2Backbone`), `CLIPModel.vision_model` (the text tower is never adapted), ... `unwrap_backbone`
+finds it structurally.
+
+Train mode. Run the backbone in eval mode (gradients still flow). DINOv3 randomly rescales its RoPE patch coordinates
+on every call in train mode (`pos_embed_rescale`, on by default), so its `embed` refuses a backbone in train mode with
+RoPE augmentation configured; every other family's train mode only switches on dropouts, which the released configs
+set to 0.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+import torch
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("dinov2", "dinov2_with_registers")
+
+@dataclass(frozen=True, eq=False)
+class EmbeddedTokens:
+    """The input of the first block, and what every block call needs besides it.
+
+    Attributes:
+        hidden: [B, T, C] the token sequence: the prefix tokens (`ArchitectureDescription.num_prefix_tokens`: CLS,
+            registers, distillation token) first, then the patch tokens in row-major order.
+        block_kwargs: keyword arguments of every block call (`ArchitectureDescription.run_block`), e.g.
+            `attention_mask=None` or DINOv3's RoPE `position_embeddings`. **They never depend on the batch
+            dimension**: the same dict is valid for any subset of the images, `hidden[indices]`, so a caller may run
+            part of a batch further than the rest with the kwargs of the whole batch.
+        grid_size: (H, W) the patch grid.
+    """
+
+    hidden: torch.Tensor
+    block_kwargs: dict[str, Any]
+    grid_size: tuple[int, int]
+
+
+EmbedFunction = Callable[[nn.Module, torch.Tensor, tuple[int, int]], EmbeddedTokens]
 
 
 @dataclass(frozen=True)
@@ -22,14 +56,14 @@ class MlpDescription:
     """The MLP sub-block of a transformer block.
 
     Attributes:
-        kind: `"gelu"` for `fc2(act(fc1(x)))`, `"swiglu"` for `down(silu(gate(x)) * up(x))`.
-        activation: name of the activation in `transformers.activations.ACT2FN` (`"silu"` for SwiGLU).
-        input_projections: module names, relative to the block, of the projections that read the MLP input, in the
+        kind: `"plain"` for `out(act(in(x)))`, `"gated"` for `out(act(gate(x)) * up(x))`.
+        activation: name of the activation in `transformers.activations.ACT2FN` (of the gate for a gated MLP).
+        input_projections: module names, relative to the MLP, of the projections that read the MLP input, in the
             order the formula above uses them (`fc1`, or `gate_proj` then `up_proj`).
-        output_projection: module name, relative to the block, of the projection that writes the residual stream.
+        output_projection: module name, relative to the MLP, of the projection that writes the residual stream.
     """
 
-    kind: Literal["gelu", "swiglu"]
+    kind: Literal["plain", "gated"]
     activation: str
     input_projections: tuple[str, ...]
     output_projection: str
@@ -44,7 +78,9 @@ class MlpDescription:
 class BlockDescription:
     """Where the pieces of one pre-norm residual block live, as module/parameter names relative to the block.
 
-    The block computes `x <- x + ls1 * Attn(norm1(x))`, then `x <- x + ls2 * MLP(norm2(x))`.
+    The block computes `x <- x + ls1 * Attn(norm1(x))`, then `x <- x + ls2 * MLP(norm2(x))`; the layer scales
+    `ls1`, `ls2` are per-channel parameters, or absent (`None`, i.e. 1) in families without them. Every norm of every
+    registered family is an `nn.LayerNorm`.
     """
 
     norm1: str
@@ -53,8 +89,8 @@ class BlockDescription:
     key: str
     value: str
     output: str
-    layer_scale1: str
-    layer_scale2: str
+    layer_scale1: str | None
+    layer_scale2: str | None
     mlp_prefix: str
     mlp: MlpDescription
 
@@ -71,122 +107,484 @@ class BlockDescription:
 
 @dataclass(frozen=True)
 class ArchitectureDescription:
-    """A whole ViT: its blocks, its final norm and the layout of its token sequence.
+    """A whole ViT backbone: its blocks, its final norm, the layout of its token sequence and how to run it.
 
     Attributes:
-        model_type: the `config.model_type` this description was built for.
-        layers: dotted path, from the bare backbone (`Dinov2Model`), of the `nn.ModuleList` of blocks.
-        final_norm: name of the final LayerNorm of the bare backbone (token norms are measured before it).
-        num_prefix_tokens: tokens before the patch grid in the sequence (CLS, then registers if any).
+        model_type: the backbone config's `model_type` this description was built for.
+        family: the family's name, for messages ("DINOv2", "CLIP", ...).
+        layers: dotted path, from the bare backbone, of the `nn.ModuleList` of blocks.
+        final_norm: name of the backbone's final LayerNorm (token norms are measured before it).
+        last_hidden_state_normed: whether the backbone's `last_hidden_state` is the final norm of the last block's
+            output (CLIP's is the raw output: only its pooled CLS token is normed).
+        num_prefix_tokens: tokens before the patch grid in the sequence (CLS, registers, distillation token).
+        has_cls_token: whether the first token is a CLS token (SigLIP has none).
         patch_size: side of a square patch in pixels.
         num_layers: number of blocks.
         hidden_size: width of the residual stream.
         block: the description shared by every block.
+        pooling: what `pooled_features` returns: `"cls"` the CLS token after the final norm, `"head"` the output of
+            the backbone's attention-pooling head (SigLIP), `"mean"` the mean of the normed patch tokens.
+        embed_tokens: the family's embedding function (see `embed`).
     """
 
     model_type: str
+    family: str
     layers: str
     final_norm: str
+    last_hidden_state_normed: bool
     num_prefix_tokens: int
+    has_cls_token: bool
     patch_size: int
     num_layers: int
     hidden_size: int
     block: BlockDescription
+    pooling: Literal["cls", "head", "mean"]
+    embed_tokens: EmbedFunction = field(repr=False)
 
     @property
     def target_module_names(self) -> list[str]:
         """Default SINDER targets as leaf module names: value/output projections and every MLP projection."""
-        leaves = [name.rsplit(".", 1)[-1] for name in (*self.block.attention_targets, *self.block.mlp_targets)]
-        return leaves
+        return [name.rsplit(".", 1)[-1] for name in (*self.block.attention_targets, *self.block.mlp_targets)]
+
+    @property
+    def block_list_name(self) -> str:
+        """The attribute name of the block list itself (`layer`, `layers`): PEFT's `layers_pattern`."""
+        return self.layers.rsplit(".", 1)[-1]
+
+    def embed(self, backbone: nn.Module, pixel_values: torch.Tensor) -> EmbeddedTokens:
+        """Return the input of the first block for `pixel_values` [B, 3, H, W], exactly as the model's forward does.
+
+        `backbone` is the bare backbone (`unwrap_backbone(model)`), in eval mode (see the module docstring).
+
+        Runs everything the model does before its first block (CLIP's `pre_layrnorm`, DINOv3's RoPE, SigLIP 2's
+        patchifying and position resizing), with the position embeddings interpolated to any H×W that is a multiple
+        of the patch size. `pixel_values` are moved to the backbone's device and dtype. The returned `block_kwargs`
+        do not depend on the batch dimension (see `EmbeddedTokens`).
+
+        Raises:
+            ValueError: if `pixel_values` is not 4-D or its sides are not multiples of the patch size, or for a
+                DINOv3 backbone in train mode with RoPE augmentation configured (call `model.eval()` first).
+        """
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}."
+            )
+        height, width = pixel_values.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"Image height and width must be multiples of the patch size {self.patch_size}, got {height}×{width}."
+            )
+        reference = next(backbone.get_submodule("embeddings").parameters())
+        pixel_values = pixel_values.to(device=reference.device, dtype=reference.dtype)
+        return self.embed_tokens(backbone, pixel_values, (height // self.patch_size, width // self.patch_size))
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, block_kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """Return the output of one block (`get_blocks(model)[i]`) for its input `hidden` [B, T, C].
+
+        `block_kwargs` are those of `embed` (valid for any subset of its batch). The output is the raw residual
+        stream, before the final norm. Every registered family's block returns a tensor in transformers 5; a block
+        returning a tuple (as older releases did) gives its first element.
+        """
+        output = block(hidden, **block_kwargs)
+        return output[0] if isinstance(output, tuple) else output
+
+    def block_outputs(self, backbone: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Return the raw output of every block for `pixel_values` [B, 3, H, W]: `num_layers` tensors [B, T, C].
+
+        These equal the model's own `hidden_states[1:]` (`output_hidden_states=True`) wherever the model accepts the
+        input size, and are computed the same way at any other multiple of the patch size.
+        """
+        embedded = self.embed(backbone, pixel_values)
+        hidden, outputs = embedded.hidden, []
+        for block in backbone.get_submodule(self.layers):
+            hidden = self.run_block(block, hidden, embedded.block_kwargs)
+            outputs.append(hidden)
+        return outputs
+
+    def final_tokens(self, backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Return every output token after the final norm, [B, T, C] (prefix tokens first, then patches).
+
+        This is the model's `last_hidden_state`, except for CLIP, whose `last_hidden_state` is the raw last block
+        output and which norms only its pooled CLS token: here its final norm (`post_layernorm`) is applied to every
+        token, so the patch tokens of all families are comparable.
+        """
+        embedded = self.embed(backbone, pixel_values)
+        hidden = embedded.hidden
+        for block in backbone.get_submodule(self.layers):
+            hidden = self.run_block(block, hidden, embedded.block_kwargs)
+        return backbone.get_submodule(self.final_norm)(hidden)
+
+    def pooled_features(self, backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Return one feature vector per image, [B, C'], the image-level feature used for kNN classification.
+
+        Per family (`pooling`): DINOv2, DINOv3 and CLIP give the CLS token after the final norm, which is their
+        `pooler_output`. ViT and DeiT give the normed CLS token too, what their classification heads read; their
+        `pooler_output` (tanh of a dense layer of the CLS token) is a pre-training head that task checkpoints do not
+        carry. SigLIP and SigLIP 2 have no CLS token: they give their attention-pooling head's output (their
+        `pooler_output`), or the mean of the normed patch tokens when the checkpoint has no head.
+        """
+        tokens = self.final_tokens(backbone, pixel_values)
+        if self.pooling == "cls":
+            return tokens[:, 0]
+        if self.pooling == "head":
+            return backbone.get_submodule("head")(tokens)
+        return tokens[:, self.num_prefix_tokens :].mean(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embedding functions, one per family. Each receives pixel values already on the backbone's device and dtype.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _embed_dinov2(backbone: nn.Module, pixel_values: torch.Tensor, grid_size: tuple[int, int]) -> EmbeddedTokens:
+    """DINOv2 (with or without registers, and `Dinov2Backbone`): the embeddings interpolate their positions
+    themselves; the model calls its blocks without an attention mask."""
+    return EmbeddedTokens(backbone.embeddings(pixel_values), {}, grid_size)
+
+
+_DINOV3_ROPE_AUGMENTATIONS = ("pos_embed_shift", "pos_embed_jitter", "pos_embed_rescale")
+
+
+def _embed_dinov3(backbone: nn.Module, pixel_values: torch.Tensor, grid_size: tuple[int, int]) -> EmbeddedTokens:
+    """DINOv3: no absolute positions; RoPE (cos, sin), each [H·W, head_dim], go to every block. In train mode the
+    RoPE coordinates are randomly augmented on every call, so a backbone in train mode with augmentation configured
+    is refused rather than silently giving random tokens."""
+    augmentations = [name for name in _DINOV3_ROPE_AUGMENTATIONS if getattr(backbone.config, name, None) is not None]
+    if backbone.rope_embeddings.training and augmentations:
+        raise ValueError(
+            f"The DINOv3 backbone is in train mode, where its RoPE patch coordinates are randomly augmented on every "
+            f"call ({', '.join(augmentations)} set in its config), so its tokens would be random. Call `model.eval()` "
+            "first: gradients still flow in eval mode."
+        )
+    position_embeddings = backbone.rope_embeddings(pixel_values)
+    return EmbeddedTokens(backbone.embeddings(pixel_values), {"position_embeddings": position_embeddings}, grid_size)
+
+
+def _embed_clip(backbone: nn.Module, pixel_values: torch.Tensor, grid_size: tuple[int, int]) -> EmbeddedTokens:
+    """CLIP: the embeddings, then the pre-norm `pre_layrnorm` (skipping it would be silently wrong). The blocks take
+    `attention_mask` as a required argument. Interpolating the positions is exact at the native size."""
+    hidden = backbone.embeddings(pixel_values, interpolate_pos_encoding=True)
+    return EmbeddedTokens(backbone.pre_layrnorm(hidden), {"attention_mask": None}, grid_size)
+
+
+def _embed_interpolated(backbone: nn.Module, pixel_values: torch.Tensor, grid_size: tuple[int, int]) -> EmbeddedTokens:
+    """SigLIP, ViT, DeiT: the embeddings with interpolated positions (exact at the native size; without it they
+    refuse any other size); blocks called with `attention_mask=None`."""
+    hidden = backbone.embeddings(pixel_values, interpolate_pos_encoding=True)
+    return EmbeddedTokens(hidden, {"attention_mask": None}, grid_size)
+
+
+def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Return the patches of `pixel_values` [B, C, H, W] as [B, (H/p)·(W/p), p·p·C], row-major over the grid.
+
+    Each patch is flattened in (row, column, channel) order, as SigLIP 2's image processor does, so SigLIP 2's
+    linear patch embedding reads them as it reads the processor's output.
+    """
+    batch, channels, height, width = pixel_values.shape
+    rows, columns = height // patch_size, width // patch_size
+    patches = pixel_values.reshape(batch, channels, rows, patch_size, columns, patch_size)
+    return patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, rows * columns, patch_size * patch_size * channels)
+
+
+def _embed_siglip2(backbone: nn.Module, pixel_values: torch.Tensor, grid_size: tuple[int, int]) -> EmbeddedTokens:
+    """SigLIP 2 (NaFlex) takes patchified pixels with their grid shape: the images are cut into patches here,
+    without padding, so every token is real and the attention mask is None (the model's own mask for an all-ones
+    `pixel_attention_mask`). The position table is resized to the grid as the model does."""
+    patches = patchify(pixel_values, backbone.config.patch_size)
+    spatial_shapes = torch.tensor([grid_size], dtype=torch.long, device=pixel_values.device)
+    spatial_shapes = spatial_shapes.expand(pixel_values.shape[0], 2)
+    return EmbeddedTokens(backbone.embeddings(patches, spatial_shapes), {"attention_mask": None}, grid_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One description per family
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _patch_size(config: PretrainedConfig) -> int:
+    """The side of a (square) patch: `config.patch_size`, an int or a pair."""
+    return config.patch_size if isinstance(config.patch_size, int) else int(config.patch_size[0])
+
+
+_DINO_BLOCK_NAMES = {
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "query": "attention.q_proj",
+    "key": "attention.k_proj",
+    "value": "attention.v_proj",
+    "output": "attention.o_proj",
+    "layer_scale1": "layer_scale1.lambda1",
+    "layer_scale2": "layer_scale2.lambda1",
+    "mlp_prefix": "mlp",
+}
+_CLIP_BLOCK_NAMES = {
+    "norm1": "layer_norm1",
+    "norm2": "layer_norm2",
+    "query": "self_attn.q_proj",
+    "key": "self_attn.k_proj",
+    "value": "self_attn.v_proj",
+    "output": "self_attn.out_proj",
+    "layer_scale1": None,
+    "layer_scale2": None,
+    "mlp_prefix": "mlp",
+}
+_VIT_BLOCK_NAMES = {
+    "norm1": "layernorm_before",
+    "norm2": "layernorm_after",
+    "query": "attention.q_proj",
+    "key": "attention.k_proj",
+    "value": "attention.v_proj",
+    "output": "attention.o_proj",
+    "layer_scale1": None,
+    "layer_scale2": None,
+    "mlp_prefix": "mlp",
+}
+_GATED_PROJECTIONS = {"input_projections": ("gate_proj", "up_proj"), "output_projection": "down_proj"}
+_FC_PROJECTIONS = {"input_projections": ("fc1",), "output_projection": "fc2"}
+
+
+def _describe_dinov2(config: PretrainedConfig) -> ArchitectureDescription:
+    """Dinov2Model, Dinov2WithRegistersModel, Dinov2Backbone: GELU or SwiGLU MLP (whose gate is always silu),
+    per-channel layer scales, [CLS, registers..., patches]."""
+    if config.use_swiglu_ffn:
+        mlp = MlpDescription(kind="gated", activation="silu", **_GATED_PROJECTIONS)
+    else:
+        mlp = MlpDescription(kind="plain", activation=config.hidden_act, **_FC_PROJECTIONS)
+    return ArchitectureDescription(
+        model_type=config.model_type,
+        family="DINOv2",
+        layers="encoder.layer",
+        final_norm="layernorm",
+        last_hidden_state_normed=True,
+        num_prefix_tokens=1 + int(getattr(config, "num_register_tokens", 0)),
+        has_cls_token=True,
+        patch_size=_patch_size(config),
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        block=BlockDescription(**_DINO_BLOCK_NAMES, mlp=mlp),
+        pooling="cls",
+        embed_tokens=_embed_dinov2,
+    )
+
+
+def _describe_dinov3(config: PretrainedConfig) -> ArchitectureDescription:
+    """DINOv3ViTModel / DINOv3ViTBackbone: plain (`up_proj`, `down_proj`) or gated MLP, both with
+    `config.hidden_act`; per-channel layer scales; RoPE; [CLS, registers..., patches]."""
+    if config.use_gated_mlp:
+        mlp = MlpDescription(kind="gated", activation=config.hidden_act, **_GATED_PROJECTIONS)
+    else:
+        mlp = MlpDescription(
+            kind="plain", activation=config.hidden_act, input_projections=("up_proj",), output_projection="down_proj"
+        )
+    return ArchitectureDescription(
+        model_type=config.model_type,
+        family="DINOv3",
+        layers="model.layer",
+        final_norm="norm",
+        last_hidden_state_normed=True,
+        num_prefix_tokens=1 + int(config.num_register_tokens),
+        has_cls_token=True,
+        patch_size=_patch_size(config),
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        block=BlockDescription(**_DINO_BLOCK_NAMES, mlp=mlp),
+        pooling="cls",
+        embed_tokens=_embed_dinov3,
+    )
+
+
+def _describe_clip(config: PretrainedConfig) -> ArchitectureDescription:
+    """CLIPVisionModel (also `CLIPModel.vision_model`): quick-GELU MLP, no layer scale, `pre_layrnorm` before the
+    blocks, `post_layernorm` applied to the pooled CLS token only; [CLS, patches]."""
+    return ArchitectureDescription(
+        model_type=config.model_type,
+        family="CLIP",
+        layers="encoder.layers",
+        final_norm="post_layernorm",
+        last_hidden_state_normed=False,
+        num_prefix_tokens=1,
+        has_cls_token=True,
+        patch_size=_patch_size(config),
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        block=BlockDescription(
+            **_CLIP_BLOCK_NAMES, mlp=MlpDescription(kind="plain", activation=config.hidden_act, **_FC_PROJECTIONS)
+        ),
+        pooling="cls",
+        embed_tokens=_embed_clip,
+    )
+
+
+def _describe_siglip(config: PretrainedConfig) -> ArchitectureDescription:
+    """SiglipVisionModel and Siglip2VisionModel: tanh-GELU MLP, no layer scale, no CLS token (patches only); the
+    attention-pooling `head` reads the normed tokens and is never adapted."""
+    embed = _embed_siglip2 if config.model_type == "siglip2_vision_model" else _embed_interpolated
+    return ArchitectureDescription(
+        model_type=config.model_type,
+        family="SigLIP 2" if config.model_type == "siglip2_vision_model" else "SigLIP",
+        layers="encoder.layers",
+        final_norm="post_layernorm",
+        last_hidden_state_normed=True,
+        num_prefix_tokens=0,
+        has_cls_token=False,
+        patch_size=_patch_size(config),
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        block=BlockDescription(
+            **_CLIP_BLOCK_NAMES, mlp=MlpDescription(kind="plain", activation=config.hidden_act, **_FC_PROJECTIONS)
+        ),
+        pooling="head" if getattr(config, "vision_use_head", True) else "mean",
+        embed_tokens=embed,
+    )
+
+
+def _describe_vit(config: PretrainedConfig) -> ArchitectureDescription:
+    """ViTModel and DeiTModel: GELU MLP, no layer scale, blocks at the model root (`layers`); [CLS, patches], DeiT
+    [CLS, distillation, patches]. The `pooler` is never adapted."""
+    deit = config.model_type == "deit"
+    return ArchitectureDescription(
+        model_type=config.model_type,
+        family="DeiT" if deit else "ViT",
+        layers="layers",
+        final_norm="layernorm",
+        last_hidden_state_normed=True,
+        num_prefix_tokens=2 if deit else 1,
+        has_cls_token=True,
+        patch_size=_patch_size(config),
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        block=BlockDescription(
+            **_VIT_BLOCK_NAMES, mlp=MlpDescription(kind="plain", activation=config.hidden_act, **_FC_PROJECTIONS)
+        ),
+        pooling="cls",
+        embed_tokens=_embed_interpolated,
+    )
+
+
+_DESCRIBERS: dict[str, Callable[[PretrainedConfig], ArchitectureDescription]] = {
+    "dinov2": _describe_dinov2,
+    "dinov2_with_registers": _describe_dinov2,
+    "dinov3_vit": _describe_dinov3,
+    "clip_vision_model": _describe_clip,
+    "siglip_vision_model": _describe_siglip,
+    "siglip2_vision_model": _describe_siglip,
+    "vit": _describe_vit,
+    "deit": _describe_vit,
+}
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_DESCRIBERS)
+SUPPORTED_FAMILIES: tuple[str, ...] = ("DINOv2", "DINOv3", "CLIP", "SigLIP", "SigLIP 2", "ViT", "DeiT")
+
+
+def _unsupported(config: PretrainedConfig | None, what: str) -> ValueError:
+    """Build the error for a model or config without a supported ViT backbone, naming the supported families."""
+    if config is None:
+        found = "is no transformers model"
+    else:
+        found = (
+            f"has model_type={getattr(config, 'model_type', None)!r} ({type(config).__name__}) and no vision "
+            "backbone of a supported family"
+        )
+    return ValueError(
+        f"sinder-peft supports the ViT families {', '.join(SUPPORTED_FAMILIES)} (backbone model types "
+        f"{list(SUPPORTED_MODEL_TYPES)}), but {what} {found}. Load a model of a supported family, e.g. "
+        "`AutoModel.from_pretrained('facebook/dinov2-base')`."
+    )
+
+
+def backbone_config(config: PretrainedConfig) -> PretrainedConfig:
+    """Return the config of the supported ViT backbone `config` describes: `config` itself when its `model_type` is
+    registered, else its first registered sub-config (`CLIPConfig.vision_config`, `DepthAnythingConfig
+    .backbone_config`, ...).
+
+    Raises:
+        ValueError: if neither `config` nor any of its sub-configs is of a supported family.
+    """
+    if getattr(config, "model_type", None) in _DESCRIBERS:
+        return config
+    for name in getattr(config, "sub_configs", {}):
+        sub_config = getattr(config, name, None)
+        if getattr(sub_config, "model_type", None) in _DESCRIBERS:
+            return sub_config
+    raise _unsupported(config, "this model's config")
 
 
 def describe_config(config: PretrainedConfig) -> ArchitectureDescription:
-    """Return the description of the architecture `config` belongs to.
+    """Return the description of the ViT backbone `config` describes (see `backbone_config`).
 
     Raises:
-        ValueError: if the model type is not one of `SUPPORTED_MODEL_TYPES`.
+        ValueError: if the config is not of a supported family, naming the supported ones.
     """
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"sinder-peft supports the model types {list(SUPPORTED_MODEL_TYPES)}, but this model's config has "
-            f"model_type={model_type!r} ({type(config).__name__}). Load a DINOv2 checkpoint, e.g. "
-            "`AutoModel.from_pretrained('facebook/dinov2-base')`."
-        )
-    if config.use_swiglu_ffn:
-        mlp = MlpDescription(
-            kind="swiglu", activation="silu", input_projections=("gate_proj", "up_proj"), output_projection="down_proj"
-        )
-    else:
-        mlp = MlpDescription(
-            kind="gelu", activation=config.hidden_act, input_projections=("fc1",), output_projection="fc2"
-        )
-    block = BlockDescription(
-        norm1="norm1",
-        norm2="norm2",
-        query="attention.q_proj",
-        key="attention.k_proj",
-        value="attention.v_proj",
-        output="attention.o_proj",
-        layer_scale1="layer_scale1.lambda1",
-        layer_scale2="layer_scale2.lambda1",
-        mlp_prefix="mlp",
-        mlp=mlp,
-    )
-    patch_size = config.patch_size if isinstance(config.patch_size, int) else int(config.patch_size[0])
-    return ArchitectureDescription(
-        model_type=model_type,
-        layers="encoder.layer",
-        final_norm="layernorm",
-        num_prefix_tokens=1 + int(getattr(config, "num_register_tokens", 0)),
-        patch_size=patch_size,
-        num_layers=config.num_hidden_layers,
-        hidden_size=config.hidden_size,
-        block=block,
-    )
+    config = backbone_config(config)
+    return _DESCRIBERS[config.model_type](config)
+
+
+def _backbone_depth(name: str) -> int:
+    """Depth of a submodule named `name` (0 for the root)."""
+    return name.count(".") + 1 if name else 0
+
+
+def _is_backbone(module: nn.Module) -> bool:
+    """Whether `module` is a transformers model of a registered family that holds its family's block list."""
+    if not isinstance(module, PreTrainedModel):
+        return False
+    model_type = getattr(module.config, "model_type", None)
+    if model_type not in _DESCRIBERS:
+        return False
+    try:
+        blocks = module.get_submodule(_DESCRIBERS[model_type](module.config).layers)
+    except AttributeError:
+        return False
+    return isinstance(blocks, nn.ModuleList)
+
+
+def find_backbone(model: nn.Module) -> tuple[str, nn.Module]:
+    """Return the path (from `model`, "" for `model` itself) and the module of the ViT backbone inside `model`.
+
+    The backbone is the *shallowest* submodule (`model` included) that is a `PreTrainedModel` whose
+    `config.model_type` is registered and that holds its family's block list. Shallowest first matters: DINOv3's
+    encoder (`DINOv3ViTModel.model`, also its `base_model`) is itself a model of type `dinov3_vit`. Wrappers are
+    searched through as plain modules: task models, `CLIPModel` (its `vision_model`), PEFT models.
+
+    Raises:
+        ValueError: if no supported backbone is found, naming the supported families.
+    """
+    found: tuple[int, str, nn.Module] | None = None
+    for name, module in model.named_modules():
+        depth = _backbone_depth(name)
+        if (found is None or depth < found[0]) and _is_backbone(module):
+            found = (depth, name, module)
+    if found is None:
+        models = [module for _, module in model.named_modules() if isinstance(module, PreTrainedModel)]
+        config = models[0].config if models else getattr(model, "config", None)
+        raise _unsupported(config, f"the model ({type(model).__name__})")
+    return found[1], found[2]
 
 
 def unwrap_backbone(model: nn.Module) -> nn.Module:
-    """Return the bare DINOv2 backbone (the module holding `embeddings`, `encoder` and `layernorm`).
-
-    Accepts a `Dinov2Model` / `Dinov2WithRegistersModel`, a task model wrapping one (`…ForImageClassification`), or a
-    PEFT model (`PeftModel`, or the tuner it holds) wrapping any of these.
+    """Return the bare ViT backbone inside `model` (see `find_backbone`): e.g. the `Dinov2Model` itself, the
+    `vision_model` of a `CLIPModel`, the `backbone` of a `DepthAnythingForDepthEstimation`, through PEFT wrappers.
 
     Raises:
-        ValueError: if no supported DINOv2 backbone is found.
+        ValueError: if no supported backbone is found.
     """
-    candidate = model
-    # PeftModel -> tuner (BaseTuner) -> the transformers model
-    for _ in range(3):
-        inner = getattr(candidate, "base_model", None)
-        if isinstance(inner, nn.Module) and inner is not candidate and hasattr(inner, "model"):
-            candidate = inner.model
-        elif hasattr(candidate, "peft_config") and isinstance(getattr(candidate, "model", None), nn.Module):
-            candidate = candidate.model
-        else:
-            break
-    for attribute in ("dinov2", "dinov2_with_registers"):
-        inner = getattr(candidate, attribute, None)
-        if isinstance(inner, nn.Module):
-            candidate = inner
-    config = getattr(candidate, "config", None)
-    if config is not None:
-        describe_config(config)
-    if config is None or not all(hasattr(candidate, name) for name in ("embeddings", "encoder", "layernorm")):
-        raise ValueError(
-            f"Expected a DINOv2 model (Dinov2Model or Dinov2WithRegistersModel, possibly inside a PeftModel), got "
-            f"{type(model).__name__}."
-        )
-    return candidate
+    return find_backbone(model)[1]
 
 
 def describe_model(model: nn.Module) -> ArchitectureDescription:
-    """Return the description of `model` (any form `unwrap_backbone` accepts)."""
+    """Return the description of the backbone of `model` (any form `unwrap_backbone` accepts)."""
     return describe_config(unwrap_backbone(model).config)
 
 
 def get_blocks(model: nn.Module) -> nn.ModuleList:
     """Return the `nn.ModuleList` of transformer blocks of `model` (any form `unwrap_backbone` accepts)."""
     backbone = unwrap_backbone(model)
-    description = describe_config(backbone.config)
-    return backbone.get_submodule(description.layers)
+    return backbone.get_submodule(describe_config(backbone.config).layers)
+
+
+def block_list_path(model: nn.Module) -> str:
+    """Return the dotted path of the block list from `model` itself, e.g. `encoder.layer` for a `Dinov2Model`,
+    `vision_model.encoder.layers` for a `CLIPModel`, `layers` for a `ViTModel`."""
+    path, backbone = find_backbone(model)
+    layers = describe_config(backbone.config).layers
+    return f"{path}.{layers}" if path else layers

@@ -18,17 +18,21 @@ class SinderConfig(PeftConfig):
 
     Args:
         target_modules (`Optional[Union[list[str], str]]`):
-            Names (or a regex) of the linear modules to adapt. `None` picks the SINDER defaults of the model's
-            architecture: the value and output projections of attention and every MLP projection (`v_proj`, `o_proj`,
-            `fc1`, `fc2`, or `gate_proj`, `up_proj`, `down_proj` for the SwiGLU blocks of ViT-g), in every layer.
-            Query and key projections are never targeted by default.
+            Names (or a regex) of the linear modules to adapt. `None` picks the SINDER defaults of the model's ViT
+            family (`sinder_peft.architectures`): the value and output projections of attention and every MLP
+            projection, e.g. `v_proj`, `o_proj`, `fc1`, `fc2` for DINOv2 (`gate_proj`, `up_proj`, `down_proj` for
+            the SwiGLU blocks of ViT-g), `v_proj`, `out_proj`, `fc1`, `fc2` for CLIP and SigLIP. Query and key
+            projections are never targeted by default.
         exclude_modules (`Optional[Union[list[str], str]]`):
-            Names (or a regex) of modules not to adapt.
+            Names (or a regex) of modules not to adapt. `None` excludes every module outside the blocks of the
+            model's ViT backbone, so that heads, necks, poolers and the text tower of a `CLIPModel` are never
+            adapted, whatever their layers are named; `[]` excludes nothing.
         layers_to_transform (`Optional[Union[list[int], int]]`):
             Indices of the transformer blocks to adapt; `None` adapts every block. The trainer sets this to the
             blocks that can receive gradients.
         layers_pattern (`Optional[Union[list[str], str]]`):
-            Name of the `nn.ModuleList` holding the blocks, used with `layers_to_transform` (`"layer"` for DINOv2).
+            Name of the `nn.ModuleList` holding the blocks, used with `layers_to_transform`; `None` picks the
+            family's (`"layer"` for DINOv2, `"layers"` for CLIP, SigLIP, ViT and DeiT).
         fingerprint_rtol (`Optional[float]`):
             Read from adapter configs written by sinder-peft 0.1.0 and not used: the base-model check done when an
             adapter is loaded now compares each fingerprinted singular value within the change that rounding to the
@@ -45,7 +49,13 @@ class SinderConfig(PeftConfig):
         },
     )
     exclude_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Module names or a regex of them not to adapt."}
+        default=None,
+        metadata={
+            "help": (
+                "Module names or a regex of them not to adapt. None excludes everything outside the blocks of the "
+                "model's ViT backbone."
+            )
+        },
     )
     layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Indices of the transformer blocks to adapt; None adapts all of them."}

@@ -1,12 +1,14 @@
 """Singular defect directions (docs/method.md §1) and defect-token detection (docs/method.md §2).
 
-A DINOv2 block, linearized around the residual stream and stripped of its biases and of the 1/σ scale of its
+A pre-norm ViT block, linearized around the residual stream and stripped of its biases and of the 1/σ scale of its
 LayerNorms, is an N×N matrix B_l = A_mlp · A_attn with
 
     A_attn = I + diag(γ₁) · W_o · W_v · diag(w₁) · C
     A_mlp  = I + diag(γ₂) · W_out · J · diag(w₂) · C,      C = I − 11ᵀ/N,
 
-where J is the best linear map from the MLP input to the MLP hidden activation when the input is x ~ N(0, I).
+where J is the best linear map from the MLP input to the MLP hidden activation when the input is x ~ N(0, I), and
+γ₁, γ₂ are the layer scales (1 in families without them). Every piece is read through the model's
+`ArchitectureDescription`, so the same code serves every supported family (DINOv2, DINOv3, CLIP, SigLIP, ViT...).
 The *singular defect direction* of layer l is the leading left singular vector of P_l = B_l ··· B_1: the direction
 the first l blocks amplify most. Tokens whose features line up with it are the high-norm "defect" tokens.
 
@@ -31,13 +33,7 @@ from numpy.polynomial.legendre import leggauss
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .architectures import (
-    ArchitectureDescription,
-    BlockDescription,
-    describe_config,
-    get_blocks,
-    unwrap_backbone,
-)
+from .architectures import ArchitectureDescription, BlockDescription, describe_config, unwrap_backbone
 from .layer import effective_linear_weight
 
 logger = logging.getLogger(__name__)
@@ -93,6 +89,13 @@ def _norm_weight(block: nn.Module, name: str, size: int, device: torch.device) -
     if weight is None:
         return torch.ones(size, dtype=torch.float64, device=device)
     return weight.detach().to(torch.float64)
+
+
+def _layer_scale(block: nn.Module, name: str | None, size: int, device: torch.device) -> torch.Tensor:
+    """Return the per-channel layer scale γ named `name` in `block` as float64; ones for a family without one."""
+    if name is None:
+        return torch.ones(size, dtype=torch.float64, device=device)
+    return block.get_parameter(name).detach().to(torch.float64)
 
 
 def _centered_columns(matrix: torch.Tensor) -> torch.Tensor:
@@ -175,29 +178,53 @@ def _silu_derivative(points: torch.Tensor) -> torch.Tensor:
     return sigmoid * (1 + points * (1 - sigmoid))
 
 
-def expected_swiglu_jacobian(
-    gate_weight: torch.Tensor, gate_bias: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor
-) -> torch.Tensor:
-    """Return E[∂ (silu(G x + a) ⊙ (H x + c)) / ∂x] for x ~ N(0, I): an [M, N] matrix.
+def _derivative_of(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Return the elementwise derivative of the `ACT2FN` activation `activation`: closed form for silu, autograd
+    for any other."""
+    if activation == "silu":
+        return _silu_derivative
+    return _activation_derivative(ACT2FN[activation])
 
-    For unit j with z₁ = g·x + a and z₂ = h·x + c, the row is E[silu′(z₁) z₂] · gᵀ + E[silu(z₁)] · hᵀ, and since
-    E[z₂ | z₁] = c + (g·h / ‖g‖²)(z₁ − a), E[silu′(z₁) z₂] = c · E[silu′(z₁)] + (g·h / ‖g‖²) · E[silu′(z₁)(z₁ − a)].
-    All three are one-dimensional expectations over z₁ ~ N(a, ‖g‖²), computed by quadrature for all units at once.
+
+def expected_gated_jacobian(
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """Return E[∂ (act(G x + a) ⊙ (H x + c)) / ∂x] for x ~ N(0, I): an [M, N] matrix (M hidden units, N inputs).
+
+    `activation` is the gate's `transformers.activations.ACT2FN` name: "silu" for DINOv2's SwiGLU, the config's
+    `hidden_act` for DINOv3's gated MLP. For unit j with z₁ = g·x + a and z₂ = h·x + c, the row is
+    E[act′(z₁) z₂] · gᵀ + E[act(z₁)] · hᵀ, and since E[z₂ | z₁] = c + (g·h / ‖g‖²)(z₁ − a),
+    E[act′(z₁) z₂] = c · E[act′(z₁)] + (g·h / ‖g‖²) · E[act′(z₁)(z₁ − a)]. All three are one-dimensional
+    expectations over z₁ ~ N(a, ‖g‖²), computed by quadrature for all units at once (act′ in closed form for silu,
+    by autograd otherwise).
     """
+    function, derivative = ACT2FN[activation], _derivative_of(activation)
     gate_norm_sq = (gate_weight**2).sum(dim=1)
     gate_std = gate_norm_sq.sqrt()
-    mean_slope = gaussian_expectation(_silu_derivative, gate_bias, gate_std)
-    # E[silu′(z₁)(z₁ − a)]: the quadrature points minus the mean are std · node.
+    mean_slope = gaussian_expectation(derivative, gate_bias, gate_std)
+    # E[act′(z₁)(z₁ − a)]: the quadrature points minus the mean are std · node.
     mean_slope_times_offset = gaussian_expectation(
-        lambda points: _silu_derivative(points) * (points - gate_bias[:, None]), gate_bias, gate_std
+        lambda points: derivative(points) * (points - gate_bias[:, None]), gate_bias, gate_std
     )
-    mean_value = gaussian_expectation(nn.functional.silu, gate_bias, gate_std)
+    mean_value = gaussian_expectation(function, gate_bias, gate_std)
     overlap = (gate_weight * up_weight).sum(dim=1)
     regression = torch.where(
         gate_norm_sq > 0, overlap / gate_norm_sq.clamp_min(torch.finfo(gate_weight.dtype).tiny), 0
     )
     gate_coefficient = up_bias * mean_slope + regression * mean_slope_times_offset
     return gate_coefficient[:, None] * gate_weight + mean_value[:, None] * up_weight
+
+
+def expected_swiglu_jacobian(
+    gate_weight: torch.Tensor, gate_bias: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor
+) -> torch.Tensor:
+    """Return E[∂ (silu(G x + a) ⊙ (H x + c)) / ∂x] for x ~ N(0, I): `expected_gated_jacobian` with silu, the
+    SwiGLU MLP of DINOv2 ViT-g."""
+    return expected_gated_jacobian(gate_weight, gate_bias, up_weight, up_bias, "silu")
 
 
 def _mlp_input_parameters(
@@ -216,21 +243,21 @@ def _hidden_activation(
     block_description: BlockDescription, parameters: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Return the map from MLP input to MLP hidden activation (the input of the output projection), in float64."""
-    if block_description.mlp.kind == "swiglu":
+    activation = ACT2FN[block_description.mlp.activation]
+    if block_description.mlp.kind == "gated":
         (gate_weight, gate_bias), (up_weight, up_bias) = parameters
 
-        def swiglu(inputs: torch.Tensor) -> torch.Tensor:
+        def gated(inputs: torch.Tensor) -> torch.Tensor:
             gate = nn.functional.linear(inputs, gate_weight, gate_bias)
-            return nn.functional.silu(gate) * nn.functional.linear(inputs, up_weight, up_bias)
+            return activation(gate) * nn.functional.linear(inputs, up_weight, up_bias)
 
-        return swiglu
+        return gated
     ((weight, bias),) = parameters
-    activation = ACT2FN[block_description.mlp.activation]
 
-    def single(inputs: torch.Tensor) -> torch.Tensor:
+    def plain(inputs: torch.Tensor) -> torch.Tensor:
         return activation(nn.functional.linear(inputs, weight, bias))
 
-    return single
+    return plain
 
 
 def sampled_mlp_jacobian(
@@ -269,14 +296,16 @@ def sampled_mlp_jacobian(
 def expected_mlp_jacobian(block: nn.Module, description: ArchitectureDescription | BlockDescription) -> torch.Tensor:
     """Return J in closed form: the expected Jacobian of the MLP hidden activation under x ~ N(0, I), [M, N] float64.
 
-    This is the limit of the reference implementation's least-squares fit (`sampled_mlp_jacobian`), without its
-    sampling noise and at a fraction of its cost.
+    Plain MLPs use `expected_activation_jacobian` (closed form for the exact GELU, quadrature for any other
+    activation: CLIP's quick_gelu, SigLIP's tanh GELU...), gated ones `expected_gated_jacobian` with their gate's
+    activation. This is the limit of the reference implementation's least-squares fit (`sampled_mlp_jacobian`),
+    without its sampling noise and at a fraction of its cost.
     """
     block_description = _block_description(description)
     parameters = _mlp_input_parameters(block, block_description)
-    if block_description.mlp.kind == "swiglu":
+    if block_description.mlp.kind == "gated":
         (gate_weight, gate_bias), (up_weight, up_bias) = parameters
-        return expected_swiglu_jacobian(gate_weight, gate_bias, up_weight, up_bias)
+        return expected_gated_jacobian(gate_weight, gate_bias, up_weight, up_bias, block_description.mlp.activation)
     ((weight, bias),) = parameters
     return expected_activation_jacobian(weight, bias, block_description.mlp.activation)
 
@@ -295,7 +324,7 @@ def linearized_attention(block: nn.Module, description: ArchitectureDescription 
     value = _linear_weight(block.get_submodule(block_description.value))
     output = _linear_weight(block.get_submodule(block_description.output))
     size, device = output.shape[0], output.device
-    scale = block.get_parameter(block_description.layer_scale1).detach().to(torch.float64)
+    scale = _layer_scale(block, block_description.layer_scale1, size, device)
     norm_weight = _norm_weight(block, block_description.norm1, size, device)
     update = scale[:, None] * (output @ value) * norm_weight[None, :]
     return torch.eye(size, dtype=torch.float64, device=device) + _centered_columns(update)
@@ -313,7 +342,7 @@ def linearized_mlp(
         block.get_submodule(block_description.mlp_prefix).get_submodule(block_description.mlp.output_projection)
     )
     size, device = output.shape[0], output.device
-    scale = block.get_parameter(block_description.layer_scale2).detach().to(torch.float64)
+    scale = _layer_scale(block, block_description.layer_scale2, size, device)
     norm_weight = _norm_weight(block, block_description.norm2, size, device)
     update = scale[:, None] * (output @ jacobian.to(torch.float64)) * norm_weight[None, :]
     return torch.eye(size, dtype=torch.float64, device=device) + _centered_columns(update)
@@ -361,7 +390,8 @@ def singular_defect_directions(
     """Return the singular defect direction of every layer: the leading left singular vector of P_l = B_l ··· B_1.
 
     Args:
-        model: a `Dinov2Model` / `Dinov2WithRegistersModel`, a task model or a PEFT model wrapping one.
+        model: a model of a supported ViT family (its backbone, a task model or a whole model holding one, a PEFT
+            model wrapping any of these; see `architectures.unwrap_backbone`).
         method: "exact" (default) linearizes the MLPs with their closed-form expected Jacobian; "sampling"
             reproduces the reference implementation's least-squares fit on `num_samples` Gaussian inputs
             (seeded by `seed`), which converges to the same directions.
@@ -375,7 +405,7 @@ def singular_defect_directions(
     """
     backbone = unwrap_backbone(model)
     description = describe_config(backbone.config)
-    blocks = get_blocks(backbone)
+    blocks = backbone.get_submodule(description.layers)
     device = next(backbone.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if method == "sampling" else None
     accumulated = torch.eye(description.hidden_size, dtype=torch.float64, device=device)
@@ -434,7 +464,7 @@ class DefectAnalysis:
     """Defect statistics of a batch of images, per layer (layers indexed from 0 = output of the first block).
 
     All tensors are float32/bool/int64 on the CPU. Token features are the outputs of each block, *before* the final
-    LayerNorm, restricted to the patch grid (CLS and register tokens are left out).
+    LayerNorm, restricted to the patch grid (CLS, register and distillation tokens are left out).
 
     Attributes:
         grid_size: (H, W), the patch grid.
@@ -519,8 +549,8 @@ def patch_grid(
 ) -> torch.Tensor:
     """Return the patch tokens of a block output `hidden_states` [B, T, C] as a float32 grid [B, H, W, C].
 
-    The CLS token and any register tokens (`description.num_prefix_tokens`) come first in the sequence and are left
-    out; the patches follow in row-major order.
+    The prefix tokens (`description.num_prefix_tokens`: CLS, registers, distillation token; none for SigLIP) come
+    first in the sequence and are left out; the patches follow in row-major order.
     """
     patches = hidden_states[:, description.num_prefix_tokens :]
     return patches.float().reshape(hidden_states.shape[0], height, width, -1)
@@ -565,12 +595,13 @@ def find_defect_tokens(
 ) -> DefectAnalysis:
     """Run the model block by block on `pixel_values` and report its defect tokens at every layer (docs/method.md §2).
 
-    The embeddings and each block are run under `torch.no_grad()` (the full forward is not called, so the output of
-    every block is seen before the final LayerNorm). The model runs in its current mode: call `model.eval()` first
-    for deterministic results.
+    The embeddings and each block are run under `torch.no_grad()` with the description's `embed` and `run_block`
+    (the full forward is not called, so the output of every block is seen before the final LayerNorm), at any image
+    size that is a multiple of the patch size. The model runs in its current mode: call `model.eval()` first for
+    deterministic results (a DINOv3 backbone in train mode is refused, see `ArchitectureDescription.embed`).
 
     Args:
-        model: a DINOv2 model in any form `unwrap_backbone` accepts.
+        model: a model of a supported family in any form `unwrap_backbone` accepts.
         pixel_values: [B, 3, height, width] normalized images; height and width multiples of the patch size.
         directions: one direction per layer; computed with `singular_defect_directions(model)` when None.
         mask_thr: outlier threshold k of `defect_token_mask`.
@@ -596,13 +627,13 @@ def find_defect_tokens(
             f"Expected {expected_shape[0]} directions of size {expected_shape[1]}, got shape "
             f"{tuple(direction_matrix.shape)}."
         )
-    parameter = next(backbone.parameters())
     batch = pixel_values.shape[0]
     cosines, norms = [], []
     with torch.no_grad():
-        hidden = backbone.embeddings(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
-        for index, block in enumerate(get_blocks(backbone)):
-            hidden = block(hidden)
+        embedded = description.embed(backbone, pixel_values)
+        hidden = embedded.hidden
+        for index, block in enumerate(backbone.get_submodule(description.layers)):
+            hidden = description.run_block(block, hidden, embedded.block_kwargs)
             patches = patch_grid(hidden, description, height, width)
             cosines.append(direction_cosines(patches, direction_matrix[index]).cpu())
             norms.append(patches.norm(dim=-1).cpu())

@@ -329,13 +329,14 @@ def build_demo_model() -> Dinov2Model:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def generate_demo_image(seed: int, size: int = DEMO_IMAGE_SIZE) -> Image.Image:
+def generate_demo_image(seed: int, size: int = DEMO_IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> Image.Image:
     """Return a procedurally generated RGB scene: a smooth, textured background with a few white spots.
 
     The background is a blend of two random colours driven by low-frequency waves plus a fainter texture, with every
-    channel in [0.06, `BACKGROUND_MAX`]. Two or three white spots of 1×1 to 2×2 patches sit on the 14-pixel patch
-    grid, two patches or more away from the image border and from each other, so that exactly the patches they cover
-    are brighter than `BRIGHTNESS_LEVEL`. `size` should be a multiple of 14 and at least 112.
+    channel in [0.06, `BACKGROUND_MAX`]. Two or three white spots of 1×1 to 2×2 patches sit on the `patch_size`-pixel
+    patch grid (14 by default, the demo model's), two patches or more away from the image border and from each other,
+    so that exactly the patches they cover are brighter than `BRIGHTNESS_LEVEL`. `size` should be a multiple of
+    `patch_size` and at least 8 patches.
     """
     rng = np.random.default_rng(seed)
     coordinates = np.linspace(0.0, 1.0, size)
@@ -350,7 +351,7 @@ def generate_demo_image(seed: int, size: int = DEMO_IMAGE_SIZE) -> Image.Image:
     blend = np.clip(0.85 * blend + 0.15 * (texture + 1) / 2, 0.0, 1.0)
     first, second = rng.uniform(0.06, BACKGROUND_MAX, size=(2, 3))
     picture = first[None, None, :] * (1 - blend[..., None]) + second[None, None, :] * blend[..., None]
-    grid = size // PATCH_SIZE
+    grid = size // patch_size
     occupied = np.zeros((grid, grid), dtype=bool)
     placed = 0
     covered = 0
@@ -364,7 +365,7 @@ def generate_demo_image(seed: int, size: int = DEMO_IMAGE_SIZE) -> Image.Image:
         if occupied[max(top - 2, 0) : top + height + 2, max(left - 2, 0) : left + width + 2].any():
             continue
         occupied[top : top + height, left : left + width] = True
-        picture[top * PATCH_SIZE : (top + height) * PATCH_SIZE, left * PATCH_SIZE : (left + width) * PATCH_SIZE] = 1.0
+        picture[top * patch_size : (top + height) * patch_size, left * patch_size : (left + width) * patch_size] = 1.0
         placed += 1
         covered += height * width
     return Image.fromarray(np.round(picture * 255).astype(np.uint8), mode="RGB")

@@ -1,10 +1,15 @@
-"""Load a DINOv2 backbone, and the image normalization it was trained with, from whatever `--model` names.
+"""Load a model with a ViT backbone of a supported family, and the image normalization it was trained with, from
+whatever `--model` names.
 
 `--model` may be `"demo"` (the planted-defect demo model, no download), a local directory written by
 `save_pretrained` (or the output directory of `sinder repair`, which holds one in `model/`), or a Hub id such as
-`facebook/dinov2-base`. Hub ids are looked up in the local Hugging Face cache first, so a cached model loads without
-any network access; only when it is not cached (and the Hub is not switched off with `HF_HUB_OFFLINE=1`) is it
-downloaded. Every way this can fail ends in one exception with a message that says what to do.
+`facebook/dinov2-base`. The model is loaded as the class it was saved as (`config.architectures`), so a task model
+or a whole model (`Dinov2ForImageClassification`, `DepthAnythingForDepthEstimation`, `CLIPModel`...) comes back
+whole: the repair adapts its backbone and merges into the whole model.
+
+Hub ids are looked up in the local Hugging Face cache first, so a cached model loads without any network access; only
+when it is not cached (and the Hub is not switched off with `HF_HUB_OFFLINE=1`) is it downloaded. Every way this
+can fail ends in one exception with a message that says what to do.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import transformers
 from huggingface_hub import constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
-from transformers import AutoConfig, AutoModel, ImageProcessingMixin, PretrainedConfig
+from transformers import AutoConfig, AutoModel, ImageProcessingMixin, PretrainedConfig, PreTrainedModel
 
-from .architectures import describe_config
+from .architectures import describe_config, unwrap_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -192,11 +198,12 @@ def load_model_image_processor_config(model: str) -> dict[str, Any] | None:
 
 
 def _load_config(source: str, name: str, from_hub: bool) -> PretrainedConfig:
-    """Load the config of `source` and check that it is a supported DINOv2 model, before any weights are read.
+    """Load the config of `source` and check that the model has a backbone of a supported ViT family, before any
+    weights are read.
 
     Raises:
         ModelNotAvailableError: if `source` is a Hub id that is neither cached nor downloadable.
-        ValueError: if the model is not a DINOv2 model.
+        ValueError: if the model has no backbone of a supported family.
     """
     if from_hub:
         try:
@@ -212,24 +219,42 @@ def _load_config(source: str, name: str, from_hub: bool) -> PretrainedConfig:
     return config
 
 
+def model_class(config: PretrainedConfig) -> type[PreTrainedModel] | type[AutoModel]:
+    """Return the class to load a model of config `config` with: the transformers class it was saved as
+    (`config.architectures[0]`), or `AutoModel` when the config names none that transformers has.
+
+    The saved class keeps task models and whole models whole (`AutoModel` would load a `Dinov2Backbone` as a
+    `Dinov2Model`, drop the head of `Dinov2ForImageClassification`, and refuses `DepthAnythingForDepthEstimation`);
+    `AutoBackbone.from_pretrained` of a local directory is broken in transformers 5.24, the class itself is not.
+    """
+    for name in getattr(config, "architectures", None) or ():
+        candidate = getattr(transformers, name, None)
+        if isinstance(candidate, type) and issubclass(candidate, PreTrainedModel):
+            return candidate
+    return AutoModel
+
+
 def load_backbone(model: str, *, dtype: torch.dtype | None = None) -> tuple[nn.Module, ImageNormalization]:
-    """Load the DINOv2 backbone named by `model`, in eval mode, with the normalization its images need.
+    """Load the model named by `model`, in eval mode, with the normalization its images need.
 
     Args:
         model: `"demo"`, a local directory written by `save_pretrained` (or a `sinder repair` output directory), or
-            a Hub id such as `facebook/dinov2-base` or `facebook/dinov2-with-registers-small`.
+            a Hub id such as `facebook/dinov2-base`, `facebook/dinov2-with-registers-small` or
+            `openai/clip-vit-base-patch16`.
         dtype: dtype to load the weights in; `None` keeps the checkpoint's.
 
     Returns:
-        The bare backbone as `AutoModel` builds it (`Dinov2Model` / `Dinov2WithRegistersModel`), and the
-        `ImageNormalization` from its image processor (ImageNet mean/std when it has none).
+        The whole model, as the class it was saved as (see `model_class`): a bare backbone (`Dinov2Model`,
+        `CLIPVisionModel`...) or a model holding one (`CLIPModel`, `DepthAnythingForDepthEstimation`...), whose
+        backbone `sinder_peft.architectures.unwrap_backbone` finds; and the `ImageNormalization` from its image
+        processor (ImageNet mean/std when it has none).
 
     Raises:
         FileNotFoundError: `model` is neither an existing path nor shaped like a Hub id, or a directory without a
             model in it.
         ModelNotAvailableError: a Hub id that is not cached and cannot be downloaded (offline, no network, no such
             repository).
-        ValueError: the model is not a DINOv2 model.
+        ValueError: the model has no ViT backbone of a supported family (the message names the supported ones).
     """
     if model == DEMO_MODEL_NAME:
         from .demo import build_demo_model
@@ -242,15 +267,20 @@ def load_backbone(model: str, *, dtype: torch.dtype | None = None) -> tuple[nn.M
     source, from_hub = _resolve_source(model)
 
     config = _load_config(source, model, from_hub)
+    loader = model_class(config)
     load_kwargs: dict[str, Any] = {"config": config}
     if dtype is not None:
         load_kwargs["dtype"] = dtype
     if from_hub:
         try:
-            backbone = _cache_first(AutoModel.from_pretrained, source, **load_kwargs)
+            loaded = _cache_first(loader.from_pretrained, source, **load_kwargs)
         except OSError as error:
             raise _not_available(model, error) from error
     else:
-        backbone = AutoModel.from_pretrained(source, **load_kwargs)
-    logger.info("Loaded %s (%s) from %s.", type(backbone).__name__, config.model_type, source)
-    return backbone.eval(), load_normalization(source)
+        loaded = loader.from_pretrained(source, **load_kwargs)
+    try:
+        unwrap_backbone(loaded)
+    except ValueError as error:
+        raise ValueError(f"Cannot use {model!r}: {error}") from error
+    logger.info("Loaded %s (%s) from %s.", type(loaded).__name__, config.model_type, source)
+    return loaded.eval(), load_normalization(source)

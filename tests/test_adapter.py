@@ -12,7 +12,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from peft.utils import PeftType
 from torch import nn
 from torch.nn import functional as F
-from transformers import ViTConfig, ViTModel
+from transformers import ConvNextConfig, ConvNextModel
 
 import sinder_peft
 from sinder_peft import SinderConfig, SinderLinear
@@ -201,9 +201,9 @@ def test_bad_targets_give_clear_errors() -> None:
         get_peft_model(tiny_dinov2("gelu"), SinderConfig(target_modules=["norm1"]))
     with pytest.raises(ValueError, match="out of range: the model has 3 layers"):
         get_peft_model(tiny_dinov2("gelu"), SinderConfig(layers_to_transform=[5]))
-    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    with pytest.raises(ValueError, match="model_type='vit'"):
-        get_peft_model(vit, SinderConfig())
+    convnext = ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2))  # not a ViT
+    with pytest.raises(ValueError, match="model_type='convnext'"):
+        get_peft_model(convnext, SinderConfig())
 
 
 def test_bfloat16_base(pixel_values: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, run_python, tiny_dinov2
 from PIL import Image
-from transformers import BitImageProcessor, ViTConfig, ViTModel
+from transformers import BitImageProcessor, ConvNextConfig, ConvNextModel
 
 from sinder_peft.data import (
     HFImageDataset,
@@ -316,10 +316,10 @@ def test_load_backbone_from_repair_output_directory(tmp_path: Path) -> None:
 
 
 def test_load_backbone_errors(tmp_path: Path) -> None:
-    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    vit.save_pretrained(tmp_path / "vit")
-    with pytest.raises(ValueError, match=r"model_type='vit'"):
-        load_backbone(str(tmp_path / "vit"))
+    convnext = ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2))  # not a ViT
+    convnext.save_pretrained(tmp_path / "convnext")
+    with pytest.raises(ValueError, match=r"model_type='convnext'"):
+        load_backbone(str(tmp_path / "convnext"))
     with pytest.raises(FileNotFoundError, match="does not exist and is not a Hub id"):
         load_backbone(str(tmp_path / "missing" / "model"))
     (tmp_path / "adapter").mkdir()

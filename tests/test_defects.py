@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -13,13 +14,15 @@ from PIL import Image
 from scipy import integrate
 from scipy.stats import norm
 from transformers import Dinov2Config, Dinov2Model
+from transformers.activations import ACT2FN
 
-from sinder_peft.architectures import describe_model, get_blocks
+from sinder_peft.architectures import ArchitectureDescription, describe_model, get_blocks, patchify, unwrap_backbone
 from sinder_peft.defects import (
     DefectAnalysis,
     defect_token_mask,
     direction_cosines,
     expected_activation_jacobian,
+    expected_gated_jacobian,
     expected_gelu_derivative,
     expected_mlp_jacobian,
     expected_swiglu_jacobian,
@@ -31,6 +34,7 @@ from sinder_peft.defects import (
 )
 from sinder_peft.demo import build_planted_defect_model, generate_demo_image
 from sinder_peft.loading import IMAGENET_MEAN, IMAGENET_STD
+from sinder_peft.planting import build_planted_model, build_tiny_model, spot_pixel_values
 
 FRESH_IMAGE_SEEDS = tuple(range(1000, 1012))
 
@@ -525,3 +529,173 @@ def test_smallest_grid_and_wrong_directions(planted_gelu) -> None:
     assert analysis.grid_size == (3, 3)
     with pytest.raises(ValueError, match="directions"):
         find_defect_tokens(planted_gelu.model, torch.zeros(1, 3, 42, 42), [torch.ones(96)] * 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Other ViT families: activations, gated MLPs, blocks without layer scale, block calls
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference_gated_jacobian(
+    gate_weight: np.ndarray,
+    gate_bias: np.ndarray,
+    up_weight: np.ndarray,
+    up_bias: np.ndarray,
+    activation: str,
+    nodes: int = 120,
+) -> np.ndarray:
+    """E[∇ₓ act(g·x + a)(h·x + c)] for x ~ N(0, I), by a 2-D Gauss–Hermite rule over the joint law of (z₁, z₂), with
+    act and act′ evaluated by torch (act′ by central differences), independent of the library's 1-D reduction."""
+    function = ACT2FN[activation]
+
+    def act(z: np.ndarray) -> np.ndarray:
+        return function(torch.from_numpy(z)).numpy()
+
+    def slope(z: np.ndarray, step: float = 1e-6) -> np.ndarray:
+        return (act(z + step) - act(z - step)) / (2 * step)
+
+    points, weights = np.polynomial.hermite_e.hermegauss(nodes)
+    weights = weights / math.sqrt(2 * math.pi)
+    first, second = np.meshgrid(points, points, indexing="ij")
+    pair_weights = np.outer(weights, weights)
+    rows = []
+    for g, a, h, c in zip(gate_weight, gate_bias, up_weight, up_bias, strict=True):
+        s1, s2 = np.linalg.norm(g), np.linalg.norm(h)
+        rho = g @ h / (s1 * s2)
+        z1 = a + s1 * first
+        z2 = c + s2 * (rho * first + math.sqrt(max(1 - rho**2, 0.0)) * second)
+        rows.append(np.sum(pair_weights * slope(z1) * z2) * g + np.sum(weights * act(a + s1 * points)) * h)
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_pytorch_tanh"])
+def test_gated_jacobian_with_any_activation_matches_two_dimensional_integration(activation: str) -> None:
+    generator = torch.Generator().manual_seed(7)
+    gate_weight = torch.randn(6, 5, generator=generator, dtype=torch.float64) * 0.6
+    up_weight = torch.randn(6, 5, generator=generator, dtype=torch.float64) * 0.6
+    up_weight[0] = -0.7 * gate_weight[0]
+    gate_bias = torch.randn(6, generator=generator, dtype=torch.float64)
+    up_bias = torch.randn(6, generator=generator, dtype=torch.float64)
+    result = expected_gated_jacobian(gate_weight, gate_bias, up_weight, up_bias, activation)
+    reference = reference_gated_jacobian(
+        *(t.numpy() for t in (gate_weight, gate_bias, up_weight, up_bias)), activation
+    )
+    assert np.allclose(result.numpy(), reference, atol=1e-7)
+    if activation == "silu":
+        assert torch.equal(result, expected_swiglu_jacobian(gate_weight, gate_bias, up_weight, up_bias))
+
+
+def family_reference_block_matrix(block: torch.nn.Module, description: ArchitectureDescription) -> np.ndarray:
+    """B = A_mlp · A_attn of docs/method.md §1 for any family, with dense numpy matrices: γ = 1 without layer scale,
+    J by a trapezoid rule (plain MLP) or the 2-D rule of `reference_gated_jacobian` (gated MLP)."""
+    names = description.block
+
+    def array(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().double().numpy()
+
+    def module(name: str) -> torch.nn.Module:
+        return block.get_submodule(name)
+
+    size = description.hidden_size
+    identity = np.eye(size)
+    centering = identity - np.ones((size, size)) / size
+
+    def scale(name: str | None) -> np.ndarray:
+        return np.ones(size) if name is None else array(block.get_parameter(name))
+
+    a_attn = (
+        identity
+        + np.diag(scale(names.layer_scale1))
+        @ array(module(names.output).weight)
+        @ array(module(names.value).weight)
+        @ np.diag(array(module(names.norm1).weight))
+        @ centering
+    )
+    mlp = module(names.mlp_prefix)
+    inputs = [mlp.get_submodule(name) for name in names.mlp.input_projections]
+    if names.mlp.kind == "gated":
+        jacobian = reference_gated_jacobian(
+            *(array(t) for t in (inputs[0].weight, inputs[0].bias, inputs[1].weight, inputs[1].bias)),
+            names.mlp.activation,
+        )
+    else:
+        # E[act′(z)], z ~ N(b, ‖w‖²), by the trapezoid rule on a fine grid over ±12 std, act′ by central differences.
+        function = ACT2FN[names.mlp.activation]
+        weight, bias = array(inputs[0].weight), array(inputs[0].bias)
+        offsets = np.linspace(-12.0, 12.0, 20_001)
+        points = torch.from_numpy(bias[:, None] + np.linalg.norm(weight, axis=1)[:, None] * offsets[None, :])
+        step = 1e-6
+        slopes = ((function(points + step) - function(points - step)) / (2 * step)).numpy()
+        jacobian = np.trapezoid(slopes * norm.pdf(offsets)[None, :], offsets, axis=1)[:, None] * weight
+    output = array(mlp.get_submodule(names.mlp.output_projection).weight)
+    a_mlp = (
+        identity
+        + np.diag(scale(names.layer_scale2))
+        @ output
+        @ jacobian
+        @ np.diag(array(module(names.norm2).weight))
+        @ centering
+    )
+    return a_mlp @ a_attn
+
+
+@pytest.mark.parametrize("family", ["dinov3_gated", "clip_vision", "siglip", "vit"])
+def test_linearized_block_of_other_families_equals_dense_recomputation(family: str) -> None:
+    model = build_tiny_model(family, num_layers=1, hidden_size=32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # make the MLP nonlinearity, the norms and the layer scales matter
+        for name, parameter in model.named_parameters():
+            if name.endswith("lambda1") or "norm" in name and name.endswith("weight"):
+                parameter.copy_(0.5 + torch.rand(parameter.shape, generator=generator))
+            elif name.endswith("bias"):
+                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
+            elif "mlp" in name and name.endswith("weight"):
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    description = describe_model(model)
+    block = get_blocks(model)[0]
+    expected = family_reference_block_matrix(block, description)
+    assert np.allclose(linearized_block(block, description).numpy(), expected, atol=1e-6)
+    sampled = sampled_mlp_jacobian(block, description, num_samples=100_000, generator=torch.Generator().manual_seed(0))
+    exact = expected_mlp_jacobian(block, description)
+    assert (exact - sampled).abs().max() < 0.05 * exact.abs().max()  # sampling noise: ~0.03 for a gated MLP
+
+
+def test_per_channel_layer_scales_are_part_of_the_directions() -> None:
+    """The planted DINOv3 block writes exactly β·u through per-channel layer scales: without them, the direction
+    misses u."""
+    planted = build_planted_model("dinov3_gated")
+    description = describe_model(planted.model)
+    unscaled = dataclasses.replace(description.block, layer_scale1=None, layer_scale2=None)
+    accumulated = torch.eye(description.hidden_size, dtype=torch.float64)
+    for block in get_blocks(planted.model)[: planted.defect_layer + 1]:
+        accumulated = linearized_block(block, unscaled) @ accumulated
+    assert abs_cos(leading_left_singular_vector(accumulated), planted.direction) < 0.9
+    directions = singular_defect_directions(planted.model)
+    assert abs_cos(directions[planted.defect_layer], planted.direction) > 0.99
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip2", "dinov3"])
+def test_defect_tokens_are_measured_on_the_models_own_block_outputs(family: str) -> None:
+    """CLIP needs its pre-norm, SigLIP 2 its patchifying, DINOv3 its RoPE: the analysed tokens are the model's."""
+    planted = build_planted_model(family, num_layers=3)
+    backbone, description = unwrap_backbone(planted.model), describe_model(planted.model)
+    # Two images with 5 and 4 bright patches: on a 10×10 grid, 6 or more are too many for the mean + 4 std test.
+    pixel_values = spot_pixel_values([1, 4], planted.normalization, size=160, patch=planted.patch_size)
+    analysis = find_defect_tokens(planted.model, pixel_values)
+    grid = analysis.grid_size
+    assert grid == (10, 10)
+    with torch.no_grad():
+        if family == "siglip2":
+            hidden_states = backbone(
+                pixel_values=patchify(pixel_values, planted.patch_size),
+                pixel_attention_mask=torch.ones(2, 100, dtype=torch.long),
+                spatial_shapes=torch.tensor([[10, 10]] * 2),
+                output_hidden_states=True,
+            ).hidden_states
+        else:
+            kwargs = {"interpolate_pos_encoding": True} if family == "clip" else {}
+            hidden_states = backbone(pixel_values, output_hidden_states=True, **kwargs).hidden_states
+    for layer in range(description.num_layers):
+        patches = hidden_states[layer + 1][:, description.num_prefix_tokens :].reshape(2, *grid, -1)
+        torch.testing.assert_close(analysis.token_norms[:, layer], patches.norm(dim=-1), rtol=1e-5, atol=1e-5)
+    assert (analysis.first_defective_layer == planted.defect_layer).all()

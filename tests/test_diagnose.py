@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 from PIL import Image
-from transformers import ViTConfig, ViTModel
+from transformers import ConvNextConfig, ConvNextModel
 
 from sinder_peft.data import prepare_image
 from sinder_peft.defects import find_defect_tokens, singular_defect_directions
@@ -122,10 +122,10 @@ def test_clear_errors(tmp_path: Path) -> None:
         diagnose("demo", [tiny], output_dir=output_dir)
     with pytest.raises(ValueError, match=r"No image given"):
         diagnose(str(tmp_path), [], output_dir=output_dir)
-    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    vit.save_pretrained(tmp_path / "vit")
-    with pytest.raises(ValueError, match=r"model_type='vit'"):
-        diagnose(str(tmp_path / "vit"), demo_image_paths()[:1], output_dir=output_dir)
+    convnext = ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2))  # not a ViT
+    convnext.save_pretrained(tmp_path / "convnext")
+    with pytest.raises(ValueError, match=r"model_type='convnext'"):
+        diagnose(str(tmp_path / "convnext"), demo_image_paths()[:1], output_dir=output_dir)
     assert not (output_dir / "report.json").exists()
 
 

@@ -49,7 +49,7 @@ from transformers import Dinov2Model, Dinov2WithRegistersModel
 from sinder_peft import SinderConfig
 from sinder_peft.architectures import describe_config
 from sinder_peft.layer import FINGERPRINT_SIZE
-from sinder_peft.trainer import gradient_window
+from sinder_peft.window import gradient_window
 
 FLOAT32_BYTES = 4
 

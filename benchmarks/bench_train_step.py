@@ -79,7 +79,7 @@ import sinder_peft
 from sinder_peft import SinderConfig
 from sinder_peft.architectures import describe_config, get_blocks, unwrap_backbone
 from sinder_peft.loss import smooth_neighbourhood_loss
-from sinder_peft.trainer import gradient_window
+from sinder_peft.window import gradient_window
 
 VARIANTS: tuple[str, ...] = ("original", "ours", "floor")
 NUM_DEFECT_TOKENS = 3

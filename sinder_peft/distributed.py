@@ -11,11 +11,13 @@ seconds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
+
+from .data import ImageBatch
 
 _Result = TypeVar("_Result")
 
@@ -74,3 +76,66 @@ def run_on_every_process(accelerator: Accelerator, function: Callable[[], _Resul
         error = caught
     agree_on_failure(accelerator, error)
     return result  # type: ignore[return-value]
+
+
+def sum_over_processes(
+    accelerator: Accelerator,
+    gradients: Sequence[torch.Tensor | None],
+    shapes: Sequence[torch.Size],
+    counters: dict[str, torch.Tensor],
+) -> tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]:
+    """Sum gradients and named counters over all processes, in one `accelerator.reduce` of one flat float32 vector.
+
+    Every process must call this with the same `shapes` (the trainable parameters) and the same counter names and
+    sizes, whether or not it computed a gradient, so that the collective calls match and no process waits for one
+    that has nothing to contribute.
+
+    Args:
+        gradients: per trainable parameter, this process's gradient, or None when it computed none.
+        shapes: the shape of each parameter.
+        counters: named 1-D float tensors (e.g. images, loss, per-layer counts).
+
+    Returns:
+        Per parameter, the summed gradient, or None when no process computed one (a block outside every gradient
+        window: its momentum is then not applied, as in the original single-process code); and the summed counters
+        under their names.
+    """
+    device = accelerator.device
+    pieces, received = [], []
+    for gradient, shape in zip(gradients, shapes, strict=True):
+        received.append(float(gradient is not None))
+        size = shape.numel()
+        pieces.append(
+            gradient.detach().flatten().float() if gradient is not None else torch.zeros(size, device=device)
+        )
+    names = list(counters)
+    values = [counters[name].to(device=device, dtype=torch.float32).flatten() for name in names]
+    payload = torch.cat([*pieces, torch.tensor(received, device=device), *values])
+    payload = accelerator.reduce(payload, reduction="sum")
+    sizes = [shape.numel() for shape in shapes]
+    parts = torch.split(payload, [*sizes, len(sizes), *(value.numel() for value in values)])
+    summed_gradients, got, summed_values = parts[: len(sizes)], parts[len(sizes)], parts[len(sizes) + 1 :]
+    gradients_out = [
+        gradient.view(shape) if flag > 0 else None
+        for gradient, shape, flag in zip(summed_gradients, shapes, got.tolist(), strict=True)
+    ]
+    return gradients_out, dict(zip(names, summed_values, strict=True))
+
+
+def next_batch_on_every_process(accelerator: Accelerator, batches: Iterator[ImageBatch]) -> ImageBatch | None:
+    """Return this process's next batch of the epoch, or None when the epoch is over.
+
+    The answer is agreed on by every process in one collective: when any process has run out, all end the epoch
+    together (so they keep taking the same steps), and when reading the batch failed on any process (a worker
+    crash, images of different sizes), the process that failed raises its error and the others raise
+    `FailedOnAnotherProcess`.
+    """
+    batch, error = None, None
+    try:
+        batch = next(batches, None)
+    except Exception as caught:
+        error = caught
+    flags = torch.tensor([float(batch is None and error is None), float(error is not None)])
+    flags = accelerator.reduce(flags.to(accelerator.device), reduction="sum")
+    raise_if_failed(error, int(flags[1].item()))
+    return None if flags[0] > 0 else batch

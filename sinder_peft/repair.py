@@ -21,18 +21,20 @@ import logging
 import shutil
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
 from peft import PeftModel
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
+from transformers import HfArgumentParser
 
 from . import __version__
 from .architectures import describe_model, unwrap_backbone
+from .checkpoints import CHECKPOINT_ADAPTER_DIR, resolve_checkpoint
 from .data import (
     MIN_GRID_SIDE,
     ImageBatch,
@@ -45,16 +47,9 @@ from .defects import DefectAnalysis, find_defect_tokens
 from .distributed import FailedOnAnotherProcess, run_on_every_process, run_on_main_process
 from .loading import DEMO_MODEL_NAME, ImageNormalization, load_backbone, load_model_image_processor_config
 from .processor import save_image_processor
-from .trainer import (
-    CHECKPOINT_ADAPTER_DIR,
-    SinderTrainer,
-    TrainerState,
-    TrainingArguments,
-    build_sinder_model,
-    compute_directions,
-    resolve_checkpoint,
-    select_layers_to_transform,
-)
+from .trainer import SinderTrainer, TrainingArguments, build_sinder_model, compute_directions
+from .trainer_state import TrainerState
+from .window import select_layers_to_transform
 
 logger = logging.getLogger(__name__)
 
@@ -66,48 +61,55 @@ MAX_LISTED_UNREADABLE = 100
 
 @dataclass
 class RepairArguments:
-    """Inputs and outputs of a repair run (the training hyperparameters are in `training`).
+    """Inputs and outputs of a repair run; the training hyperparameters are `TrainingArguments`. Each field is also a
+    command-line flag of `sinder repair` (`transformers.HfArgumentParser` builds them from the fields)."""
 
-    Attributes:
-        model: a Hub id, a local model directory, or "demo".
-        output_dir: where the run writes its outputs.
-        data: an image folder, a 🤗 datasets name or saved dataset; None uses the bundled demo images.
-        data_split: dataset split for 🤗 datasets.
-        image_column: image column for 🤗 datasets.
-        streaming: stream a 🤗 dataset instead of downloading it whole.
-        resolution: short side of the training images; None means 518 (224 for the demo).
-        selection_images: images analysed before training to choose the adapted blocks.
-        report_images: images analysed before and after for report.json and the figures.
-        resume: a checkpoint (or run directory) to continue from.
-        overwrite: allow writing into an existing, non-empty output directory.
-        report_to: Accelerate tracker(s) to log to ("tensorboard", "wandb", "all"...); None logs nowhere.
-        mixed_precision: "no" or "bf16" (bfloat16 autocast of the forward passes, for GPUs); None takes Accelerate's
-            setting (`accelerate launch --mixed_precision`, `accelerate config`), "no" when there is none.
-        push_to_hub: Hub repository to upload model/ (with its card) to.
-        push_adapter: also upload adapter/ (into the same repository's `adapter/` folder).
-        hub_token: token for the upload (default: the logged-in token).
-        hub_endpoint: Hub URL for the upload (default: HF_ENDPOINT or huggingface.co).
-        training: the hyperparameters of `SinderTrainer`.
-    """
-
-    model: str = DEMO_MODEL_NAME
-    output_dir: str = "runs/sinder"
-    data: str | None = None
-    data_split: str = "train"
-    image_column: str = "image"
-    streaming: bool = False
-    resolution: int | None = None
-    selection_images: int = 8
-    report_images: int = 4
-    resume: str | None = None
-    overwrite: bool = False
-    report_to: str | None = None
-    mixed_precision: str | None = None
-    push_to_hub: str | None = None
-    push_adapter: bool = False
-    hub_token: str | None = None
-    hub_endpoint: str | None = None
-    training: TrainingArguments = field(default_factory=TrainingArguments)
+    model: str = field(
+        default=DEMO_MODEL_NAME,
+        metadata={"help": "Hub id (facebook/dinov2-base, ...), a local model directory, or 'demo'."},
+    )
+    output_dir: str = field(
+        default="runs/sinder", metadata={"help": "Where to write model/, adapter/, report.json and figures/."}
+    )
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Image folder (searched recursively), or a 🤗 datasets name or saved dataset; default: the "
+            "bundled demo images."
+        },
+    )
+    data_split: str = field(default="train", metadata={"help": "Split of a 🤗 dataset."})
+    image_column: str = field(default="image", metadata={"help": "Image column of a 🤗 dataset."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the 🤗 dataset (large sets such as ImageNet)."})
+    resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Side of the square training crops, rounded down to whole patches (default: "
+            f"{DEFAULT_RESOLUTION}; {DEMO_RESOLUTION} for the demo)."
+        },
+    )
+    selection_images: int = field(
+        default=8, metadata={"help": "Images, spread over the data, analysed to choose the blocks to adapt."}
+    )
+    report_images: int = field(default=4, metadata={"help": "Images in report.json and the figures."})
+    resume: str | None = field(default=None, metadata={"help": "Continue from a checkpoint or a run's output dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Write into a non-empty --output-dir."})
+    report_to: str | None = field(
+        default=None, metadata={"help": "Accelerate tracker(s) to log to: tensorboard, wandb, all, ..."}
+    )
+    mixed_precision: Literal["no", "bf16"] | None = field(
+        default=None,
+        metadata={
+            "help": "bf16: bfloat16 autocast of the forward passes (GPUs); default: Accelerate's setting "
+            "(`accelerate launch --mixed_precision`), else no."
+        },
+    )
+    push_to_hub: str | None = field(default=None, metadata={"help": "Hub repository to upload model/ to."})
+    push_adapter: bool = field(default=False, metadata={"help": "With --push-to-hub, also upload adapter/."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    hub_endpoint: str | None = field(
+        default=None, metadata={"help": "Hub URL (default: HF_ENDPOINT or huggingface.co)."}
+    )
 
 
 @dataclass
@@ -221,9 +223,8 @@ class _Setup:
     checkpoint: Path | None
 
 
-def _prepare(args: RepairArguments, accelerator: Accelerator, resolution: int) -> _Setup:
+def _prepare(args: RepairArguments, training: TrainingArguments, accelerator: Accelerator, resolution: int) -> _Setup:
     """Load the model and data, measure the defects of the selection sample, and build or resume the adapter."""
-    training = args.training
     checkpoint = resolve_checkpoint(args.resume) if args.resume else None
     base_model, normalization = load_backbone(args.model)
     processor_config = load_model_image_processor_config(args.model)
@@ -287,7 +288,12 @@ def _prepare(args: RepairArguments, accelerator: Accelerator, resolution: int) -
     )
 
 
-def repair(args: RepairArguments, callbacks: Sequence[Callable[[TrainerState], None]] = ()) -> RepairResult:
+def repair(
+    args: RepairArguments,
+    training: TrainingArguments | None = None,
+    *,
+    callbacks: Sequence[Callable[[TrainerState], None]] = (),
+) -> RepairResult:
     """Run a whole repair (see the module docstring) and return what it produced.
 
     With several processes, a failure on any one of them (bad input, an image batch that cannot be read, a full
@@ -295,7 +301,9 @@ def repair(args: RepairArguments, callbacks: Sequence[Callable[[TrainerState], N
     error, the others raise `FailedOnAnotherProcess` (see `distributed.py`).
 
     Args:
-        args: the run's arguments.
+        args: the run's inputs and outputs.
+        training: the hyperparameters; None takes the paper's. A `stop_window` of None becomes 1000, or 6 on the
+            bundled demo images.
         callbacks: passed to `SinderTrainer` (called with the state after every step).
 
     Raises:
@@ -304,7 +312,9 @@ def repair(args: RepairArguments, callbacks: Sequence[Callable[[TrainerState], N
         HubUploadError: the upload to the Hub failed (the outputs are written).
         FailedOnAnotherProcess: another process failed.
     """
-    training = args.training
+    training = training or TrainingArguments()
+    if training.stop_window is None and args.data is None:
+        training = replace(training, stop_window=DEMO_STOP_WINDOW)
     output_dir = _check_output_dir(args)
     requested_resolution = args.resolution or (
         DEMO_RESOLUTION if args.model == DEMO_MODEL_NAME else DEFAULT_RESOLUTION
@@ -315,7 +325,7 @@ def repair(args: RepairArguments, callbacks: Sequence[Callable[[TrainerState], N
         project_dir=str(output_dir) if args.report_to else None,
     )
     try:
-        setup = run_on_every_process(accelerator, lambda: _prepare(args, accelerator, requested_resolution))
+        setup = run_on_every_process(accelerator, lambda: _prepare(args, training, accelerator, requested_resolution))
         model = setup.model
         if args.report_to:
             accelerator.init_trackers(
@@ -345,6 +355,7 @@ def repair(args: RepairArguments, callbacks: Sequence[Callable[[TrainerState], N
                 accelerator,
                 lambda: _export(
                     args,
+                    training,
                     output_dir,
                     setup,
                     state=state,
@@ -371,6 +382,7 @@ def _write_directory(target: Path, write: Any) -> Path:
 
 def _export(
     args: RepairArguments,
+    training: TrainingArguments,
     output_dir: Path,
     setup: _Setup,
     *,
@@ -384,7 +396,6 @@ def _export(
     from .hub import RepairCard, push_folder_to_hub, write_model_card
     from .visualize import save_before_after_figure, save_layer_norm_plot
 
-    training = args.training
     model = setup.model
     layers = list(model.peft_config["default"].layers_to_transform)  # with the blocks adapted during training
     report_count = min(args.report_images, len(setup.selection.paths))
@@ -413,7 +424,7 @@ def _export(
         "resolution": resolution,
         "requested_resolution": requested_resolution,
         "layers_adapted": layers,
-        "training": asdict(training),
+        "training": {**asdict(training), "stop_window": training.resolved_stop_window},
         "processes": processes,
         "steps": state.step,
         "images_seen": state.images_seen,
@@ -528,131 +539,17 @@ def _card_numbers(summary: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the repair flags to `parser` and return it; defaults are the paper's."""
-    defaults = TrainingArguments()
-    data = parser.add_argument_group("model and data")
-    data.add_argument(
-        "--model",
-        default=DEMO_MODEL_NAME,
-        help="Hub id (facebook/dinov2-base, ...), a local model directory, or 'demo' (default: demo)",
-    )
-    data.add_argument(
-        "--data",
-        default=None,
-        help="image folder (searched recursively), or a 🤗 datasets name or saved dataset; default: the demo images",
-    )
-    data.add_argument("--data-split", default="train", help="🤗 datasets split (default: train)")
-    data.add_argument("--image-column", default="image", help="🤗 datasets image column (default: image)")
-    data.add_argument("--streaming", action="store_true", help="stream the 🤗 dataset (large sets such as ImageNet)")
-    data.add_argument(
-        "--resolution",
-        type=int,
-        default=None,
-        help=f"short side of training images (default: {DEFAULT_RESOLUTION}; {DEMO_RESOLUTION} for the demo)",
-    )
-    data.add_argument(
-        "--mixed-precision",
-        choices=("no", "bf16"),
-        default=None,
-        help="bf16: bfloat16 autocast of the forward passes (GPUs); default: Accelerate's setting, else no",
-    )
-    output = parser.add_argument_group("outputs")
-    output.add_argument("--output-dir", default="runs/sinder", help="where to write model/, adapter/, report.json")
-    output.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
-    output.add_argument("--resume", default=None, help="continue from a checkpoint or a run's --output-dir")
-    output.add_argument("--save-every", type=int, default=defaults.save_every, help="checkpoint every N steps")
-    output.add_argument("--report-to", default=None, help="Accelerate tracker(s): tensorboard, wandb, all, ...")
-    output.add_argument("--report-images", type=int, default=4, help="images in report.json and the figures")
-    output.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload model/ to this Hub repository")
-    output.add_argument("--push-adapter", action="store_true", help="with --push-to-hub, also upload adapter/")
-    output.add_argument("--hub-token", default=None, help="Hub token (default: the logged-in one)")
-    output.add_argument("--hub-endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
-    method = parser.add_argument_group("method (defaults: the paper's)")
-    method.add_argument("--max-steps", type=int, default=defaults.max_steps, help="optimizer steps at most")
-    method.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate")
-    method.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum")
-    method.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per process and step")
-    method.add_argument("--mask-thr", type=float, default=defaults.mask_thr, help="defect-token threshold k (std)")
-    method.add_argument("--kernel", type=int, choices=(3, 5), default=defaults.kernel, help="loss window size")
-    method.add_argument(
-        "--limit-layers",
-        type=int,
-        default=defaults.limit_layers,
-        help="blocks ending at the defective layer that receive gradients",
-    )
-    method.add_argument(
-        "--skip-less-than",
-        type=int,
-        default=defaults.skip_less_than,
-        help="a layer is defective from this many flagged tokens on",
-    )
-    method.add_argument(
-        "--stop-skip-ratio",
-        type=float,
-        default=defaults.stop_skip_ratio,
-        help="stop when this share of recent images has no defect",
-    )
-    method.add_argument(
-        "--stop-window",
-        type=int,
-        default=None,
-        help=f"recent images for the stop rule (default: {defaults.stop_window}; {DEMO_STOP_WINDOW} for the demo)",
-    )
-    method.add_argument(
-        "--preserve-weight",
-        type=float,
-        default=defaults.preserve_weight,
-        help="weight of the clean-token preservation term (0: the paper's loss alone)",
-    )
-    method.add_argument(
-        "--selection-images", type=int, default=8, help="images analysed before training to choose adapted blocks"
-    )
-    method.add_argument("--seed", type=int, default=defaults.seed, help="seed of the data order")
-    method.add_argument("--num-workers", type=int, default=defaults.num_workers, help="data-loading workers")
-    return parser
+def build_argument_parser(**kwargs: Any) -> HfArgumentParser:
+    """Return the parser of the repair flags: one per field of `RepairArguments` and `TrainingArguments`."""
+    return HfArgumentParser((RepairArguments, TrainingArguments), **kwargs)
 
 
-def arguments_from_namespace(namespace: argparse.Namespace) -> RepairArguments:
-    """Build `RepairArguments` from parsed command-line flags (applying the demo defaults)."""
-    stop_window = namespace.stop_window
-    if stop_window is None:
-        stop_window = DEMO_STOP_WINDOW if namespace.data is None else TrainingArguments().stop_window
-    training = TrainingArguments(
-        lr=namespace.lr,
-        momentum=namespace.momentum,
-        max_steps=namespace.max_steps,
-        mask_thr=namespace.mask_thr,
-        kernel=namespace.kernel,
-        limit_layers=namespace.limit_layers,
-        skip_less_than=namespace.skip_less_than,
-        stop_skip_ratio=namespace.stop_skip_ratio,
-        stop_window=stop_window,
-        preserve_weight=namespace.preserve_weight,
-        batch_size=namespace.batch_size,
-        seed=namespace.seed,
-        save_every=namespace.save_every,
-        num_workers=namespace.num_workers,
-    )
-    return RepairArguments(
-        model=namespace.model,
-        output_dir=namespace.output_dir,
-        data=namespace.data,
-        data_split=namespace.data_split,
-        image_column=namespace.image_column,
-        streaming=namespace.streaming,
-        resolution=namespace.resolution,
-        selection_images=namespace.selection_images,
-        report_images=namespace.report_images,
-        resume=namespace.resume,
-        overwrite=namespace.overwrite,
-        report_to=namespace.report_to,
-        mixed_precision=namespace.mixed_precision,
-        push_to_hub=namespace.push_to_hub,
-        push_adapter=namespace.push_adapter,
-        hub_token=namespace.hub_token,
-        hub_endpoint=namespace.hub_endpoint,
-        training=training,
+def arguments_from_namespace(namespace: argparse.Namespace) -> tuple[RepairArguments, TrainingArguments]:
+    """Return the `RepairArguments` and `TrainingArguments` of parsed flags (the namespace may hold other entries,
+    such as the subcommand's)."""
+    return tuple(
+        kind(**{item.name: getattr(namespace, item.name) for item in fields(kind) if item.init})
+        for kind in (RepairArguments, TrainingArguments)
     )
 
 
@@ -660,10 +557,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register the `repair` subcommand on `subparsers` and return its parser (handler: `run`)."""
     parser = subparsers.add_parser(
         "repair",
-        help="repair the singular defects of a DINOv2 model",
-        description="Repair the singular defects of a DINOv2 model (SINDER) and write a standard, merged model.",
+        parents=[build_argument_parser(add_help=False)],
+        help="repair the singular defects of a ViT",
+        description="Repair the singular defects of a ViT (SINDER) and write a standard, merged model.",
     )
-    add_arguments(parser)
     parser.set_defaults(handler=run)
     return parser
 
@@ -679,7 +576,7 @@ def run(namespace: argparse.Namespace) -> int:
     from .loading import ModelNotAvailableError
 
     try:
-        result = repair(arguments_from_namespace(namespace))
+        result = repair(*arguments_from_namespace(namespace))
     except FailedOnAnotherProcess:
         return 1
     except (
@@ -716,6 +613,6 @@ def run(namespace: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `examples/repair.py` (run it with `accelerate launch` or plain `python`)."""
-    parser = add_arguments(argparse.ArgumentParser(prog="repair.py", description=__doc__.splitlines()[0]))
+    parser = build_argument_parser(prog="repair.py", description=__doc__.splitlines()[0])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run(parser.parse_args(argv))

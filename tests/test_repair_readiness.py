@@ -171,9 +171,7 @@ def run_fresh_pipeline(model_dir: Path) -> str:
 def test_model_dir_keeps_the_source_image_processor(tmp_path: Path) -> None:
     source = tmp_path / "source"
     save_planted_model_with_processor(source)
-    repair(
-        RepairArguments(model=str(source), output_dir=str(tmp_path / "run"), training=TrainingArguments(max_steps=2))
-    )
+    repair(RepairArguments(model=str(source), output_dir=str(tmp_path / "run")), TrainingArguments(max_steps=2))
     written = json.loads((tmp_path / "run" / "model" / "preprocessor_config.json").read_text())
     assert written == json.loads((source / "preprocessor_config.json").read_text())
     assert "BitImageProcessor" in run_fresh_pipeline(tmp_path / "run" / "model")
@@ -182,7 +180,7 @@ def test_model_dir_keeps_the_source_image_processor(tmp_path: Path) -> None:
 def test_model_dir_of_a_model_without_processor_gets_the_repair_preprocessing(tmp_path: Path) -> None:
     """The demo has no processor: model/ gets a BitImageProcessor doing what the repair did (short side to the
     resolution, centre square crop, ImageNet mean/std), which loads and runs without sinder_peft."""
-    repair(RepairArguments(output_dir=str(tmp_path / "run"), training=TrainingArguments(max_steps=2)))
+    repair(RepairArguments(output_dir=str(tmp_path / "run")), TrainingArguments(max_steps=2))
     model_dir = tmp_path / "run" / "model"
     config = json.loads((model_dir / "preprocessor_config.json").read_text())
     assert config["image_processor_type"] == "BitImageProcessor"
@@ -272,7 +270,7 @@ def test_a_bfloat16_checkpoint_is_repaired_and_stays_bfloat16(tmp_path: Path) ->
     source = tmp_path / "source"
     save_planted_model_with_processor(source, torch.bfloat16)
     result = repair(
-        RepairArguments(model=str(source), output_dir=str(tmp_path / "run"), training=TrainingArguments(max_steps=40))
+        RepairArguments(model=str(source), output_dir=str(tmp_path / "run")), TrainingArguments(max_steps=40)
     )
     model_dir = tmp_path / "run" / "model"
     weights = load_file(model_dir / "model.safetensors")
@@ -296,7 +294,7 @@ def test_a_resolution_that_is_not_a_multiple_of_the_patch_size(
 ) -> None:
     with caplog.at_level("WARNING", logger="sinder_peft.repair"):
         result = repair(
-            RepairArguments(output_dir=str(tmp_path / "run"), resolution=230, training=TrainingArguments(max_steps=1))
+            RepairArguments(output_dir=str(tmp_path / "run"), resolution=230), TrainingArguments(max_steps=1)
         )
     assert "--resolution 230 is not a multiple of the patch size 14: training on 224x224 crops" in caplog.text
     assert result.report["resolution"] == 224 and result.report["requested_resolution"] == 230

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,13 +24,8 @@ from sinder_peft.data import build_dataset, collate_images
 from sinder_peft.demo import build_demo_model, build_planted_defect_model, demo_image_paths
 from sinder_peft.loss import smooth_neighbourhood_loss
 from sinder_peft.repair import RepairArguments, repair
-from sinder_peft.trainer import (
-    SinderTrainer,
-    TrainingArguments,
-    build_sinder_model,
-    compute_directions,
-    select_layers_to_transform,
-)
+from sinder_peft.trainer import SinderTrainer, TrainingArguments, build_sinder_model, compute_directions
+from sinder_peft.window import select_layers_to_transform
 
 
 def demo_batch(count: int = 3) -> torch.Tensor:
@@ -151,13 +145,13 @@ def test_loss_matches_independent_computation_and_gradient_window(tmp_path: Path
     assert output.defective_layers == [2, 2]
 
     # independent: run the bare blocks, flag tokens, take the loss from loss.py per image
-    backbone = trainer.backbone
+    backbone = trainer.window_loss.backbone
     with torch.no_grad():
         hidden = backbone.embeddings(pixel_values)
         for block in backbone.encoder.layer[:3]:
             hidden = block(hidden)
     tokens = hidden[:, 1:].reshape(2, 16, 16, -1)
-    direction = trainer.directions[2]
+    direction = trainer.window_loss.directions[2]
     cosines = (torch.nn.functional.normalize(tokens, dim=-1) @ direction).abs()
     flat = cosines.flatten(1)
     mask = cosines > (flat.mean(1) + 4 * flat.std(1))[:, None, None]
@@ -198,9 +192,7 @@ def test_batch_equals_sum_of_single_images(tmp_path: Path) -> None:
 
 
 def test_batch_size_three_repairs(tmp_path: Path) -> None:
-    result = repair(
-        RepairArguments(output_dir=str(tmp_path / "run"), training=TrainingArguments(batch_size=3, stop_window=6))
-    )
+    result = repair(RepairArguments(output_dir=str(tmp_path / "run")), TrainingArguments(batch_size=3, stop_window=6))
     assert result.report["after"]["images_with_defects"] == 0
     assert max(result.report["after"]["max_median_norm_ratio_last_layer"]) <= 5
 
@@ -214,7 +206,7 @@ def test_non_finite_loss_skips_the_step(tmp_path: Path) -> None:
         calls["count"] += 1
         return output * float("nan") if torch.is_grad_enabled() else None
 
-    handle = trainer.blocks[2].register_forward_hook(poison)
+    handle = trainer.window_loss.blocks[2].register_forward_hook(poison)
     result = trainer.training_step(demo_batch(1))
     handle.remove()
     assert calls["count"] >= 2 and result["nonfinite"] == 1.0
@@ -229,21 +221,17 @@ def test_non_finite_loss_skips_the_step(tmp_path: Path) -> None:
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path: Path) -> None:
     training = TrainingArguments(lr=0.0005, max_steps=8, stop_window=1000, save_every=3)
-    repair(RepairArguments(output_dir=str(tmp_path / "straight"), training=training))
+    repair(RepairArguments(output_dir=str(tmp_path / "straight")), training)
 
     def interrupt(state: object) -> None:
         if state.step == 5:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    interrupted = repair(
-        RepairArguments(output_dir=str(tmp_path / "split"), training=training), callbacks=(interrupt,)
-    )
+    interrupted = repair(RepairArguments(output_dir=str(tmp_path / "split")), training, callbacks=(interrupt,))
     assert interrupted.state.stop_reason == "interrupted" and interrupted.state.step == 5
     assert not (tmp_path / "split" / "model").exists()
     assert (tmp_path / "split" / "checkpoints" / "latest").read_text() == "step-0000005"
-    resumed = repair(
-        RepairArguments(output_dir=str(tmp_path / "split"), resume=str(tmp_path / "split"), training=training)
-    )
+    resumed = repair(RepairArguments(output_dir=str(tmp_path / "split"), resume=str(tmp_path / "split")), training)
     assert resumed.state.step == 8 and resumed.state.images_seen == 8
     straight, split = deltas(tmp_path / "straight" / "adapter"), deltas(tmp_path / "split" / "adapter")
     assert straight.keys() == split.keys()
@@ -257,7 +245,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path: Path) -> No
     [
         ("empty folder", "holds no image"),
         ("corrupt image", "The data holds no usable image: all 1 images read were unreadable"),
-        ("wrong model", "model_type='vit'"),
+        ("wrong model", "'convnext'"),
         ("too small", "smaller than 3×3 patches"),
         ("missing model", "does not exist"),
     ],
@@ -272,12 +260,12 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path: Path, case: str, me
     elif case != "empty folder":
         shutil.copy(demo_image_paths()[0], data / "a.png")
     if case == "wrong model":
-        from transformers import ViTConfig, ViTModel
+        from transformers import ConvNextConfig, ConvNextModel
 
-        ViTModel(
-            ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-        ).save_pretrained(tmp_path / "vit")
-        model = str(tmp_path / "vit")
+        ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1])).save_pretrained(
+            tmp_path / "convnext"
+        )
+        model = str(tmp_path / "convnext")
     if case == "too small":
         resolution = "28"
     if case == "missing model":
@@ -335,11 +323,8 @@ def test_two_processes_with_an_image_free_of_defects(tmp_path: Path) -> None:
 
     # the synchronized step is the step of one process on the same two images as one batch
     single = repair(
-        RepairArguments(
-            data=str(data),
-            output_dir=str(tmp_path / "single"),
-            training=TrainingArguments(lr=0.0005, max_steps=4, stop_window=1000, batch_size=2),
-        )
+        RepairArguments(data=str(data), output_dir=str(tmp_path / "single")),
+        TrainingArguments(lr=0.0005, max_steps=4, stop_window=1000, batch_size=2),
     )
     assert single.state.images_seen == 8 and single.state.images_skipped == 4
     two_processes, one_process = deltas(output_dir / "adapter"), deltas(tmp_path / "single" / "adapter")
@@ -457,8 +442,8 @@ def test_repair_on_a_streamed_datasets_directory(tmp_path: Path) -> None:
             streaming=True,
             resolution=224,
             output_dir=str(tmp_path / "run"),
-            training=TrainingArguments(stop_window=6),
-        )
+        ),
+        TrainingArguments(stop_window=6),
     )
     assert result.state.stop_reason == "skip_ratio"
     assert result.report["after"]["images_with_defects"] == 0
@@ -469,7 +454,7 @@ def test_images_with_different_defective_layers_in_one_batch(tmp_path: Path, mon
     """Image 0 is defective at the planted layer 2, image 1 (forced) only from layer 12 on, with windows of 3
     blocks: the batch loss and gradients equal the sum over single images, and each image's gradient reaches only
     its own window (blocks 0-2 and 10-12), not the blocks between (3-9) or after (13)."""
-    import sinder_peft.trainer as trainer_module
+    import sinder_peft.window as window_module
 
     planted = build_planted_defect_model(num_layers=14, defect_layer=2)
     directions = compute_directions(planted.model)
@@ -477,7 +462,7 @@ def test_images_with_different_defective_layers_in_one_batch(tmp_path: Path, mon
     arguments = TrainingArguments(limit_layers=3, save_every=0)
     trainer = SinderTrainer(model, directions, arguments, Accelerator(cpu=True), tmp_path / "checkpoints")
 
-    real_mask = trainer_module.defect_token_mask
+    real_mask = window_module.defect_token_mask
     calls = {"layer": 0, "late": [False, True]}
 
     def mask_with_late_images(cosines: torch.Tensor, mask_thr: float, border: int) -> torch.Tensor:
@@ -487,7 +472,7 @@ def test_images_with_different_defective_layers_in_one_batch(tmp_path: Path, mon
         calls["layer"] += 1
         return mask
 
-    monkeypatch.setattr(trainer_module, "defect_token_mask", mask_with_late_images)
+    monkeypatch.setattr(window_module, "defect_token_mask", mask_with_late_images)
 
     def loss_and_gradients(pixel_values: torch.Tensor, late: list[bool]) -> tuple[float, list[torch.Tensor | None]]:
         calls.update(layer=0, late=late)
@@ -559,14 +544,14 @@ def test_fp16_mixed_precision_is_refused(tmp_path: Path, fresh_accelerate_state:
 
 
 def test_repair_command_passes_mixed_precision_to_accelerate(tmp_path: Path, fresh_accelerate_state: None) -> None:
-    from sinder_peft.repair import add_arguments, arguments_from_namespace
+    from sinder_peft.repair import arguments_from_namespace, build_argument_parser
 
-    parser = add_arguments(argparse.ArgumentParser())
-    arguments = arguments_from_namespace(
+    parser = build_argument_parser()
+    arguments, training = arguments_from_namespace(
         parser.parse_args(["--mixed-precision", "bf16", "--max-steps", "2", "--output-dir", str(tmp_path / "run")])
     )
-    assert arguments.mixed_precision == "bf16"
-    result = repair(arguments)
+    assert arguments.mixed_precision == "bf16" and training.max_steps == 2
+    result = repair(arguments, training)
     assert AcceleratorState().mixed_precision == "bf16"
     assert result.state.step == 2 and result.state.nan_steps == 0
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

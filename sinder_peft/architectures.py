@@ -124,6 +124,9 @@ class ArchitectureDescription:
         block: the description shared by every block.
         pooling: what `pooled_features` returns: `"cls"` the CLS token after the final norm, `"head"` the output of
             the backbone's attention-pooling head (SigLIP), `"mean"` the mean of the normed patch tokens.
+        image_mean: the per-channel mean the family's checkpoints normalize pixels with, when a checkpoint has no
+            image processor to say so.
+        image_std: the per-channel std that goes with `image_mean`.
         embed_tokens: the family's embedding function (see `embed`).
     """
 
@@ -139,6 +142,8 @@ class ArchitectureDescription:
     hidden_size: int
     block: BlockDescription
     pooling: Literal["cls", "head", "mean"]
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
     embed_tokens: EmbedFunction = field(repr=False)
 
     @property
@@ -306,6 +311,11 @@ def _patch_size(config: PretrainedConfig) -> int:
     return config.patch_size if isinstance(config.patch_size, int) else int(config.patch_size[0])
 
 
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_HALF = (0.5, 0.5, 0.5)
 _DINO_BLOCK_NAMES = {
     "norm1": "norm1",
     "norm2": "norm2",
@@ -363,6 +373,8 @@ def _describe_dinov2(config: PretrainedConfig) -> ArchitectureDescription:
         hidden_size=config.hidden_size,
         block=BlockDescription(**_DINO_BLOCK_NAMES, mlp=mlp),
         pooling="cls",
+        image_mean=_IMAGENET_MEAN,
+        image_std=_IMAGENET_STD,
         embed_tokens=_embed_dinov2,
     )
 
@@ -389,6 +401,8 @@ def _describe_dinov3(config: PretrainedConfig) -> ArchitectureDescription:
         hidden_size=config.hidden_size,
         block=BlockDescription(**_DINO_BLOCK_NAMES, mlp=mlp),
         pooling="cls",
+        image_mean=_IMAGENET_MEAN,
+        image_std=_IMAGENET_STD,
         embed_tokens=_embed_dinov3,
     )
 
@@ -411,6 +425,8 @@ def _describe_clip(config: PretrainedConfig) -> ArchitectureDescription:
             **_CLIP_BLOCK_NAMES, mlp=MlpDescription(kind="plain", activation=config.hidden_act, **_FC_PROJECTIONS)
         ),
         pooling="cls",
+        image_mean=_CLIP_MEAN,
+        image_std=_CLIP_STD,
         embed_tokens=_embed_clip,
     )
 
@@ -434,6 +450,8 @@ def _describe_siglip(config: PretrainedConfig) -> ArchitectureDescription:
             **_CLIP_BLOCK_NAMES, mlp=MlpDescription(kind="plain", activation=config.hidden_act, **_FC_PROJECTIONS)
         ),
         pooling="head" if getattr(config, "vision_use_head", True) else "mean",
+        image_mean=_HALF,
+        image_std=_HALF,
         embed_tokens=embed,
     )
 
@@ -457,6 +475,8 @@ def _describe_vit(config: PretrainedConfig) -> ArchitectureDescription:
             **_VIT_BLOCK_NAMES, mlp=MlpDescription(kind="plain", activation=config.hidden_act, **_FC_PROJECTIONS)
         ),
         pooling="cls",
+        image_mean=_IMAGENET_MEAN if deit else _HALF,
+        image_std=_IMAGENET_STD if deit else _HALF,
         embed_tokens=_embed_interpolated,
     )
 

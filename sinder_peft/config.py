@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -33,6 +34,9 @@ class SinderConfig(PeftConfig):
         layers_pattern (`Optional[Union[list[str], str]]`):
             Name of the `nn.ModuleList` holding the blocks, used with `layers_to_transform`; `None` picks the
             family's (`"layer"` for DINOv2, `"layers"` for CLIP, SigLIP, ViT and DeiT).
+        shift (`str`):
+            How a shift acts on a singular value: `"additive"`, `S + delta` (the paper's, and what adapters without
+            this field hold), or `"log"`, `S * exp(delta)` (the `preserve` recipe, docs/method.md §7).
         fingerprint_rtol (`Optional[float]`):
             Read from adapter configs written by sinder-peft 0.1.0 and not used: the base-model check done when an
             adapter is loaded now compares each fingerprinted singular value within the change that rounding to the
@@ -63,6 +67,10 @@ class SinderConfig(PeftConfig):
     layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the ModuleList of blocks, used with layers_to_transform."}
     )
+    shift: Literal["additive", "log"] = field(
+        default="additive",
+        metadata={"help": "How a shift acts on a singular value: 'additive' (S + delta) or 'log' (S * exp(delta))."},
+    )
     fingerprint_rtol: float | None = field(
         default=None,
         metadata={"help": "Written by sinder-peft 0.1.0; not used (the fingerprint tolerance follows from rounding)."},
@@ -75,6 +83,8 @@ class SinderConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        if self.shift not in ("additive", "log"):
+            raise ValueError(f"`shift` must be 'additive' or 'log', got {self.shift!r}.")
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_pattern is not None and self.layers_to_transform is None:

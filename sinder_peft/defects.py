@@ -459,6 +459,10 @@ def defect_token_mask(cosines: torch.Tensor, mask_thr: float = 4.0, border: int 
     return mask
 
 
+DEFECT_NORM_GAP = 4.0
+"""A flagged image counts as defective in reports when a flagged token reaches this many times the median norm."""
+
+
 @dataclass(frozen=True, eq=False)
 class DefectAnalysis:
     """Defect statistics of a batch of images, per layer (layers indexed from 0 = output of the first block).
@@ -512,6 +516,25 @@ class DefectAnalysis:
     def defect_token_counts(self) -> torch.Tensor:
         """[B, L] number of flagged tokens per image and layer."""
         return self.masks.flatten(2).sum(dim=-1)
+
+    def high_norm_defects(self, norm_gap: float = DEFECT_NORM_GAP) -> torch.Tensor:
+        """Return, bool [B], which images have a defect that is also a real norm outlier.
+
+        The cosine test flags the `mask_thr`-sigma outliers of |cos| in every image, even when no token stands out
+        in norm (after a repair the norms are flat, and a 4-sigma cosine outlier is then chance). An image counts
+        here when it has a defective layer l and one of the tokens flagged there reaches `norm_gap` times the median
+        patch-token norm of its image, at layer l or at a later one (defect tokens keep their grid position and
+        grow with depth).
+        """
+        result = torch.zeros(self.num_images, dtype=torch.bool)
+        median = self.token_norms.flatten(2).median(dim=-1).values  # [B, L]
+        for image, layer in enumerate(self.first_defective_layer.tolist()):
+            if layer < 0:
+                continue
+            flagged = self.masks[image, layer]  # [H, W]
+            ratios = self.token_norms[image, layer:][:, flagged] / median[image, layer:, None]
+            result[image] = bool((ratios >= norm_gap).any())
+        return result
 
     def to_dict(self) -> dict[str, Any]:
         """Return the settings and per-image numbers as plain JSON-serializable Python values.

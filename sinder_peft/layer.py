@@ -1,7 +1,14 @@
 """The SINDER adapter layer: a linear map with frozen singular vectors and a trainable singular-value shift.
 
 A targeted `nn.Linear` with weight `W = U diag(S) V^T` (thin SVD, `r = min(in, out)` singular values, largest first)
-applies `U diag(S + delta) V^T` instead, where only `delta` (shape `(r,)`, zero at initialisation) trains.
+applies `U diag(S') V^T` instead, where only `delta` (shape `(r,)`, zero at initialisation) trains and `S'` is
+
+* `S + delta` with the paper's additive shift (`SinderConfig(shift="additive")`, the default), or
+* `S * exp(delta)` with the log-scale shift (`shift="log"`, the `preserve` recipe): each singular value moves by a
+  factor, so a step of a given size changes large and small singular values by the same fraction of themselves, and
+  none changes sign (docs/method.md §7).
+
+Below, `S + delta` stands for either.
 
 Forward form. Three exact ways compute `x -> x (U diag(S + delta) V^T)^T + b`:
 
@@ -117,6 +124,7 @@ class SinderLayer(BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.sinder_delta = nn.ParameterDict({})
+        self.sinder_shift: dict[str, str] = {}
         self.sinder_fingerprint = BufferDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -163,22 +171,32 @@ class SinderLayer(BaseTunerLayer):
         return self.sinder_s.numel()
 
     def update_layer(self, adapter_name: str, config: SinderConfig, **kwargs: Any) -> None:
-        """Add adapter `adapter_name`: a zero shift (float32, or float64 on a float64 base) and the spectrum
-        fingerprint of the base weight."""
+        """Add adapter `adapter_name`: a zero shift (float32, or float64 on a float64 base) of the config's kind
+        (`shift`) and the spectrum fingerprint of the base weight."""
+        self.sinder_shift[adapter_name] = config.shift
         self.sinder_delta[adapter_name] = nn.Parameter(torch.zeros_like(self.sinder_s))
         self.sinder_fingerprint[adapter_name] = spectrum_fingerprint(self.sinder_s, self.get_base_layer().weight.dtype)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def singular_value_change(self, adapter_name: str) -> torch.Tensor:
+        """Return `S' - S` of one adapter, differentiable in its shift: `delta` for the additive shift,
+        `S * (exp(delta) - 1)` for the log-scale one (in the shift's dtype)."""
+        delta = self.sinder_delta[adapter_name]
+        singular_values = self.sinder_s.to(delta.dtype)
+        if self.sinder_shift[adapter_name] == "log":
+            return singular_values * torch.expm1(delta)
+        return delta
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """Return `U diag(delta) V^T` of one adapter in the base weight's dtype: what merging adds to the weight."""
+        """Return `U diag(S' - S) V^T` of one adapter in the base weight's dtype: what merging adds to the weight."""
         return self._float64_delta_weight(adapter_name).to(self.get_base_layer().weight.dtype)
 
     def _float64_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """Return `U diag(delta) V^T` of one adapter in float64."""
-        delta = self.sinder_delta[adapter_name].detach().to(torch.float64)
+        """Return `U diag(S' - S) V^T` of one adapter in float64."""
+        change = self.singular_value_change(adapter_name).detach().to(torch.float64)
         left = self.sinder_u.to(torch.float64)
         right_transposed = self.sinder_vh.to(torch.float64)
-        return (left * delta) @ right_transposed
+        return (left * change) @ right_transposed
 
     def _shifted_base_weight(self, adapter_name: str, sign: float) -> torch.Tensor:
         """Return the base weight plus (`sign` = 1) or minus (`sign` = -1) an adapter's `U diag(delta) V^T`, added in
@@ -189,12 +207,12 @@ class SinderLayer(BaseTunerLayer):
         return shifted.to(weight.dtype)
 
     def _shifted_singular_values(self) -> torch.Tensor:
-        """Return `S + sum(delta)` over the adapters that act on the output: merged ones (already in the base weight,
-        which the factored form replaces) and active ones."""
+        """Return `S` plus the change of every adapter that acts on the output: merged ones (already in the base
+        weight, which the factored form replaces) and active ones."""
         singular_values = self.sinder_s
         for adapter_name in dict.fromkeys([*self.merged_adapters, *self.active_adapters]):
             if adapter_name in self.sinder_delta:
-                singular_values = singular_values + self.sinder_delta[adapter_name].to(singular_values.dtype)
+                singular_values = singular_values + self.singular_value_change(adapter_name).to(singular_values.dtype)
         return singular_values
 
 

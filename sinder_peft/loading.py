@@ -28,7 +28,7 @@ from huggingface_hub.utils import validate_repo_id
 from torch import nn
 from transformers import AutoConfig, AutoModel, ImageProcessingMixin, PretrainedConfig, PreTrainedModel
 
-from .architectures import describe_config, unwrap_backbone
+from .architectures import describe_config, describe_model
 
 logger = logging.getLogger(__name__)
 
@@ -149,22 +149,27 @@ def load_image_processor_config(source: str | Path) -> dict[str, Any] | None:
     return config
 
 
-def normalization_from_processor_config(config: dict[str, Any] | None) -> ImageNormalization:
-    """Return the `image_mean` / `image_std` of an image processor config, or the ImageNet mean/std (which all
-    DINOv2 checkpoints use) when there is no config or it does not set both."""
+def normalization_from_processor_config(
+    config: dict[str, Any] | None, default: ImageNormalization | None = None
+) -> ImageNormalization:
+    """Return the `image_mean` / `image_std` of an image processor config, or `default` (the ImageNet mean/std when
+    None) when there is no config or it does not set both."""
+    default = default or ImageNormalization()
     if config is None:
-        return ImageNormalization()
+        return default
     mean, std = config.get("image_mean"), config.get("image_std")
     if mean is None or std is None:
-        logger.info("The image processor sets no image_mean/image_std; using the ImageNet mean/std.")
-        return ImageNormalization()
+        logger.info(
+            "The image processor sets no image_mean/image_std; using mean %s, std %s.", default.mean, default.std
+        )
+        return default
     return ImageNormalization(mean=_per_channel(mean), std=_per_channel(std))
 
 
-def load_normalization(source: str | Path) -> ImageNormalization:
+def load_normalization(source: str | Path, default: ImageNormalization | None = None) -> ImageNormalization:
     """Return the image normalization of the model at `source` (local directory or Hub id): that of its image
-    processor config, or the ImageNet mean/std when it has none."""
-    return normalization_from_processor_config(load_image_processor_config(source))
+    processor config, or `default` (the ImageNet mean/std when None) when it has none."""
+    return normalization_from_processor_config(load_image_processor_config(source), default)
 
 
 def _resolve_source(model: str) -> tuple[str, bool]:
@@ -247,7 +252,8 @@ def load_backbone(model: str, *, dtype: torch.dtype | None = None) -> tuple[nn.M
         The whole model, as the class it was saved as (see `model_class`): a bare backbone (`Dinov2Model`,
         `CLIPVisionModel`...) or a model holding one (`CLIPModel`, `DepthAnythingForDepthEstimation`...), whose
         backbone `sinder_peft.architectures.unwrap_backbone` finds; and the `ImageNormalization` from its image
-        processor (ImageNet mean/std when it has none).
+        processor (the family's usual mean/std when it has none: ImageNet for DINOv2, DINOv3 and DeiT, OpenAI's
+        for CLIP, 0.5/0.5 for SigLIP and ViT).
 
     Raises:
         FileNotFoundError: `model` is neither an existing path nor shaped like a Hub id, or a directory without a
@@ -279,8 +285,9 @@ def load_backbone(model: str, *, dtype: torch.dtype | None = None) -> tuple[nn.M
     else:
         loaded = loader.from_pretrained(source, **load_kwargs)
     try:
-        unwrap_backbone(loaded)
+        description = describe_model(loaded)
     except ValueError as error:
         raise ValueError(f"Cannot use {model!r}: {error}") from error
     logger.info("Loaded %s (%s) from %s.", type(loaded).__name__, config.model_type, source)
-    return loaded.eval(), load_normalization(source)
+    family_default = ImageNormalization(mean=description.image_mean, std=description.image_std)
+    return loaded.eval(), load_normalization(source, family_default)

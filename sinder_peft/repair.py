@@ -28,12 +28,11 @@ from typing import Any, Literal
 import torch
 from accelerate import Accelerator
 from peft import PeftModel
-from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 from transformers import HfArgumentParser
 
 from . import __version__
-from .architectures import describe_model, unwrap_backbone
+from .architectures import describe_model
 from .checkpoints import CHECKPOINT_ADAPTER_DIR, resolve_checkpoint
 from .data import (
     MIN_GRID_SIDE,
@@ -43,9 +42,10 @@ from .data import (
     build_dataset,
     selection_sample,
 )
-from .defects import DefectAnalysis, find_defect_tokens
+from .defects import DEFECT_NORM_GAP, DefectAnalysis, find_defect_tokens
 from .distributed import FailedOnAnotherProcess, run_on_every_process, run_on_main_process
 from .loading import DEMO_MODEL_NAME, ImageNormalization, load_backbone, load_model_image_processor_config
+from .preservation import OutputFeatures, clean_token_cosine, clean_token_mask, output_features, pooled_cosine
 from .processor import save_image_processor
 from .trainer import SinderTrainer, TrainingArguments, build_sinder_model, compute_directions
 from .trainer_state import TrainerState
@@ -128,7 +128,12 @@ class RepairResult:
 
 
 def _analysis_summary(analysis: DefectAnalysis) -> dict[str, Any]:
-    """Return report.json's summary of an analysis: last-layer norm ratios, defect-token shares, defective layers."""
+    """Return report.json's summary of an analysis: last-layer norm ratios, defect-token shares, defective layers.
+
+    `images_with_defects` counts the images with a defect that is a real norm outlier (`high_norm_defects`: a
+    flagged token at 4x its image's median norm or more); `images_with_cosine_outliers` those with a defective layer
+    by the cosine test alone, which a flat, repaired model can still show by chance.
+    """
     last = analysis.num_layers - 1
     tokens = analysis.grid_size[0] * analysis.grid_size[1]
     at_first = [
@@ -142,24 +147,9 @@ def _analysis_summary(analysis: DefectAnalysis) -> dict[str, Any]:
         "defect_token_share": [count / tokens for count in at_first],
         "mean_defect_token_share": sum(at_first) / (tokens * analysis.num_images),
         "first_defective_layer": analysis.first_defective_layer.tolist(),
-        "images_with_defects": int((analysis.first_defective_layer >= 0).sum()),
+        "images_with_defects": int(analysis.high_norm_defects(DEFECT_NORM_GAP).sum()),
+        "images_with_cosine_outliers": int((analysis.first_defective_layer >= 0).sum()),
     }
-
-
-def _final_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Return the model's output patch features (after the final LayerNorm), [B, N, C]: what users consume."""
-    backbone = unwrap_backbone(model)
-    with torch.no_grad():
-        output = backbone(pixel_values=pixel_values).last_hidden_state
-    return output[:, describe_model(backbone).num_prefix_tokens :]
-
-
-def clean_token_cosine(before_features: torch.Tensor, after_features: torch.Tensor, before: DefectAnalysis) -> float:
-    """Return the mean cosine between the original and repaired output features of the *clean* patch tokens: those
-    never flagged at any layer of the original model's analysis."""
-    clean = ~before.masks.any(dim=1).flatten(1)
-    cosines = nn.functional.cosine_similarity(before_features.float(), after_features.float(), dim=-1)
-    return float(cosines.cpu()[clean].mean())
 
 
 def _check_output_dir(args: RepairArguments) -> Path:
@@ -219,7 +209,7 @@ class _Setup:
     directions: list[torch.Tensor]
     selection: ImageBatch
     before: DefectAnalysis
-    before_features: torch.Tensor
+    before_features: OutputFeatures
     checkpoint: Path | None
 
 
@@ -257,14 +247,14 @@ def _prepare(args: RepairArguments, training: TrainingArguments, accelerator: Ac
         min_tokens=training.skip_less_than,
         kernel=training.kernel,
     )
-    before_features = _final_features(base_model, sample[: args.report_images]).cpu()
+    before_features = output_features(base_model, sample[: args.report_images])
     if checkpoint is not None:
         model = PeftModel.from_pretrained(base_model, checkpoint / CHECKPOINT_ADAPTER_DIR, is_trainable=True)
     else:
         layers = select_layers_to_transform(
             before.first_defective_layer.tolist(), description.num_layers, training.limit_layers
         )
-        model = build_sinder_model(base_model, layers)
+        model = build_sinder_model(base_model, layers, shift=training.shift)
     found = sorted({layer for layer in before.first_defective_layer.tolist() if layer >= 0})
     logger.info(
         "First defective layers on %d sample images spread over the data: %s; adapting blocks %s (of %d; more if "
@@ -414,7 +404,8 @@ def _export(
         kernel=training.kernel,
     )
     before_report = _subset(setup.before, report_count)
-    after_features = _final_features(merged, report_pixels).cpu()
+    after_features = output_features(merged, report_pixels)
+    clean = clean_token_mask(before_report.token_norms[:, -1])
     selection_images: list[str] | list[int] = (
         setup.selection.paths if isinstance(setup.dataset, ImageFileDataset) else setup.selection.indices
     )
@@ -439,7 +430,8 @@ def _export(
         "unreadable_images": state.unreadable[:MAX_LISTED_UNREADABLE],
         "before": _analysis_summary(before_report),
         "after": _analysis_summary(after),
-        "clean_token_cosine": clean_token_cosine(setup.before_features, after_features, before_report),
+        "clean_token_cosine": clean_token_cosine(setup.before_features, after_features, clean),
+        "cls_cosine": pooled_cosine(setup.before_features, after_features),
         "sinder_peft_version": __version__,
     }
 
@@ -603,9 +595,10 @@ def run(namespace: argparse.Namespace) -> int:
             f"{result.report['seconds']:.0f} s; stopped by {state.stop_reason}).\n"
             f"  max/median token norm, last layer: {before['mean_max_median_norm_ratio_last_layer']:.1f} -> "
             f"{after['mean_max_median_norm_ratio_last_layer']:.1f}\n"
-            f"  images with a defective layer: {before['images_with_defects']} -> {after['images_with_defects']} "
+            f"  images with a high-norm defect: {before['images_with_defects']} -> {after['images_with_defects']} "
             f"(of {len(before['first_defective_layer'])})\n"
-            f"  mean cosine of clean tokens to the original: {result.report['clean_token_cosine']:.3f}\n"
+            f"  mean cosine to the original: clean tokens {result.report['clean_token_cosine']:.3f}, CLS "
+            f"{result.report['cls_cosine']:.3f}\n"
             f"Outputs in {result.output_dir}: model/ (AutoModel.from_pretrained), adapter/, report.json, figures/"
         )
     return 0

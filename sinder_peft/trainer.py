@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
@@ -57,6 +58,14 @@ class TrainingArguments:
     """Hyperparameters of the repair loop; defaults are the paper's (docs/method.md §4). Each field is also a
     command-line flag of `sinder repair` (`transformers.HfArgumentParser` builds them from the fields)."""
 
+    recipe: Literal["paper", "preserve"] = field(
+        default="paper",
+        metadata={
+            "help": "paper: the paper's additive singular-value shifts; preserve: log-scale shifts S * exp(delta), "
+            "which remove the defect without moving clean tokens on models the paper's recipe distorts "
+            "(docs/method.md §7)."
+        },
+    )
     lr: float = field(default=0.005, metadata={"help": "SGD learning rate."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     max_steps: int = field(
@@ -95,6 +104,7 @@ class TrainingArguments:
 
     def __post_init__(self) -> None:
         checks = {
+            "recipe": self.recipe in ("paper", "preserve"),
             "lr": self.lr > 0,
             "momentum": 0 <= self.momentum < 1,
             "max_steps": self.max_steps >= 1,
@@ -113,6 +123,11 @@ class TrainingArguments:
         invalid = [f"{name}={getattr(self, name)!r}" for name, valid in checks.items() if not valid]
         if invalid:
             raise ValueError(f"Invalid training arguments: {', '.join(invalid)}.")
+
+    @property
+    def shift(self) -> Literal["additive", "log"]:
+        """The adapter's shift (`SinderConfig.shift`) for the recipe."""
+        return "log" if self.recipe == "preserve" else "additive"
 
     @property
     def window_settings(self) -> WindowSettings:
@@ -405,9 +420,12 @@ class SinderTrainer:
         self.optimizer.load_state_dict(optimizer_state)
 
 
-def build_sinder_model(base_model: nn.Module, layers_to_transform: Sequence[int]) -> PeftModel:
-    """Wrap `base_model` in a trainable SINDER adapter on the given blocks (default targets of its architecture)."""
-    return get_peft_model(base_model, SinderConfig(layers_to_transform=list(layers_to_transform)))
+def build_sinder_model(
+    base_model: nn.Module, layers_to_transform: Sequence[int], shift: Literal["additive", "log"] = "additive"
+) -> PeftModel:
+    """Wrap `base_model` in a trainable SINDER adapter with the given `shift` on the given blocks (default targets
+    of its architecture)."""
+    return get_peft_model(base_model, SinderConfig(layers_to_transform=list(layers_to_transform), shift=shift))
 
 
 def compute_directions(model: nn.Module) -> list[torch.Tensor]:

@@ -228,7 +228,11 @@ class ArchitectureDescription:
         carry. SigLIP and SigLIP 2 have no CLS token: they give their attention-pooling head's output (their
         `pooler_output`), or the mean of the normed patch tokens when the checkpoint has no head.
         """
-        tokens = self.final_tokens(backbone, pixel_values)
+        return self.pool(backbone, self.final_tokens(backbone, pixel_values))
+
+    def pool(self, backbone: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """Return the image-level feature [B, C'] of `final_tokens` output `tokens` [B, T, C] (see
+        `pooled_features`), for callers that already have the tokens."""
         if self.pooling == "cls":
             return tokens[:, 0]
         if self.pooling == "head":

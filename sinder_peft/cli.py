@@ -1,7 +1,7 @@
-"""The `sinder` command: `sinder diagnose`, `sinder repair`, `sinder convert`.
+"""The `sinder` command: `sinder diagnose`, `sinder repair`, `sinder convert`, `sinder evaluate`.
 
-Each subcommand lives with the code it drives (`diagnose.py`, `repair.py`, `convert.py`), which registers its
-arguments through `add_parser(subparsers)` and its handler through `set_defaults(handler=...)`.
+Each subcommand lives with the code it drives (`diagnose.py`, `repair.py`, `convert.py`, `evaluate.py`), which
+registers its arguments through `add_parser(subparsers)` and its handler through `set_defaults(handler=...)`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import logging
 
 from . import __version__, convert, diagnose, repair
+from .evaluate import add_parser as add_evaluate_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_parser(subparsers)
     repair.add_parser(subparsers)
     convert.add_parser(subparsers)
+    add_evaluate_parser(subparsers)
     return parser
 
 

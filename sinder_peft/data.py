@@ -51,14 +51,14 @@ _SAVE_TO_DISK_MARKERS: tuple[str, ...] = ("state.json", "dataset_dict.json")
 ImageItem = dict[str, Any]
 
 
-def _resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     """Return the (width, height) with the short side equal to `resolution`, computed as torchvision's `Resize`."""
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(resolution * long / short)
     return (resolution, new_long) if width <= height else (new_long, resolution)
 
 
-def _center_crop_box(width: int, height: int, crop_width: int, crop_height: int) -> tuple[int, int, int, int]:
+def center_crop_box(width: int, height: int, crop_width: int, crop_height: int) -> tuple[int, int, int, int]:
     """Return the PIL box (left, top, right, bottom) of a centred crop, rounded as torchvision's `CenterCrop`."""
     left = int(round((width - crop_width) / 2.0))
     top = int(round((height - crop_height) / 2.0))
@@ -80,7 +80,7 @@ def resize_and_crop(image: Image.Image, resolution: int, patch_size: int, *, squ
             "patch; it holds too little to diagnose."
         )
     image = image.convert("RGB")
-    new_size = _resized_size(width, height, resolution)
+    new_size = resized_size(width, height, resolution)
     if new_size != image.size:
         image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
     if square:
@@ -95,7 +95,7 @@ def resize_and_crop(image: Image.Image, resolution: int, patch_size: int, *, squ
             f"{crop_height // patch_size}x{crop_width // patch_size} patch grid (rows x columns), but at least "
             f"{MIN_GRID_SIDE}x{MIN_GRID_SIDE} patches of {patch_size} pixels are needed. Use a larger resolution."
         )
-    return image.crop(_center_crop_box(*new_size, crop_width, crop_height))
+    return image.crop(center_crop_box(*new_size, crop_width, crop_height))
 
 
 def normalize_image(image: Image.Image, normalization: ImageNormalization | None = None) -> torch.Tensor:
@@ -321,12 +321,12 @@ def _holds_images(root: Path) -> bool:
     return any(path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() for path in root.rglob("*"))
 
 
-def _is_saved_dataset(path: Path) -> bool:
+def is_saved_dataset(path: Path) -> bool:
     """Whether `path` is a directory written by `datasets`' `save_to_disk` (a `Dataset` or a `DatasetDict`)."""
     return path.is_dir() and any((path / marker).is_file() for marker in _SAVE_TO_DISK_MARKERS)
 
 
-def _load_hf_dataset(source: str, split: str, image_column: str, streaming: bool) -> Any:
+def load_hf_dataset(source: str, split: str, image_column: str, streaming: bool) -> Any:
     """Load `source` (a `save_to_disk` directory, a local dataset, or a Hub dataset name) with undecoded images.
 
     Images are cast to `datasets.Image(decode=False)` so that a corrupt image fails in our code, one item at a time,
@@ -340,7 +340,7 @@ def _load_hf_dataset(source: str, split: str, image_column: str, streaming: bool
 
     path = Path(source).expanduser()
     try:
-        if _is_saved_dataset(path):
+        if is_saved_dataset(path):
             dataset = datasets.load_from_disk(str(path))
             if isinstance(dataset, datasets.DatasetDict):
                 if split not in dataset:
@@ -365,7 +365,7 @@ def _load_hf_dataset(source: str, split: str, image_column: str, streaming: bool
     return dataset
 
 
-def _decode_hf_image(value: Any) -> Image.Image:
+def decode_hf_image(value: Any) -> Image.Image:
     """Turn one value of a 🤗 datasets image column (undecoded dict, PIL image or file path) into a decoded image.
 
     Raises:
@@ -406,7 +406,7 @@ class _HFImageItems:
         self.normalization = normalization or ImageNormalization()
         self.square = square
         streaming = isinstance(self, IterableDataset)
-        self.dataset = _load_hf_dataset(source, split, image_column, streaming=streaming)
+        self.dataset = load_hf_dataset(source, split, image_column, streaming=streaming)
         if not streaming and len(self.dataset) == 0:
             raise ValueError(f"The split {split!r} of the dataset {source!r} is empty.")
 
@@ -417,7 +417,7 @@ class _HFImageItems:
         """
         name = f"{self.source}:{self.split}:{index}" if part is None else f"{self.source}:{self.split}:{part}:{index}"
         try:
-            image = _decode_hf_image(row[self.image_column])
+            image = decode_hf_image(row[self.image_column])
             pixel_values = prepare_image(
                 image, self.resolution, self.patch_size, self.normalization, square=self.square
             )
@@ -510,7 +510,7 @@ def build_dataset(
     path = Path(data).expanduser()
     if not path.exists() and not looks_like_hub_id(str(data)):
         raise FileNotFoundError(f"{str(data)!r} does not exist and is not a 🤗 datasets name.")
-    if path.is_dir() and not _is_saved_dataset(path) and (_holds_images(path) or not any(path.iterdir())):
+    if path.is_dir() and not is_saved_dataset(path) and (_holds_images(path) or not any(path.iterdir())):
         return ImageFolderDataset(path, resolution, patch_size, normalization, square=square)
     hf_kwargs: dict[str, Any] = {"split": split, "image_column": image_column, "square": square}
     if streaming:

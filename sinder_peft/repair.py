@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from accelerate import Accelerator
 from peft import PeftModel
+from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 from transformers import HfArgumentParser
 
@@ -44,6 +45,7 @@ from .data import (
 )
 from .defects import DEFECT_NORM_GAP, DefectAnalysis, find_defect_tokens
 from .distributed import FailedOnAnotherProcess, run_on_every_process, run_on_main_process
+from .evaluate import EvaluationArguments, check_evaluation_data, evaluate_models
 from .loading import DEMO_MODEL_NAME, ImageNormalization, load_backbone, load_model_image_processor_config
 from .preservation import OutputFeatures, clean_token_cosine, clean_token_mask, output_features, pooled_cosine
 from .processor import save_image_processor
@@ -110,6 +112,32 @@ class RepairArguments:
     hub_endpoint: str | None = field(
         default=None, metadata={"help": "Hub URL (default: HF_ENDPOINT or huggingface.co)."}
     )
+    evaluate_knn_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "After the repair, kNN-evaluate the original and the repaired model on this data (the "
+            "layouts of `sinder evaluate --knn-data`); the result goes into report.json and evaluation/."
+        },
+    )
+    evaluate_seg_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "After the repair, evaluate both models with the linear segmentation probe on this data "
+            "(`sinder evaluate --seg-data` layouts)."
+        },
+    )
+    evaluate_defect_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "After the repair, compare both models' defect figures on these images (default with "
+            "another --evaluate-* flag: its validation images)."
+        },
+    )
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run ends with an evaluation of the original and the repaired model."""
+        return any((self.evaluate_knn_data, self.evaluate_seg_data, self.evaluate_defect_data))
 
 
 @dataclass
@@ -216,6 +244,9 @@ class _Setup:
 def _prepare(args: RepairArguments, training: TrainingArguments, accelerator: Accelerator, resolution: int) -> _Setup:
     """Load the model and data, measure the defects of the selection sample, and build or resume the adapter."""
     checkpoint = resolve_checkpoint(args.resume) if args.resume else None
+    evaluation = _evaluation_settings(args, Path(args.output_dir))
+    if evaluation is not None:
+        check_evaluation_data(evaluation)
     base_model, normalization = load_backbone(args.model)
     processor_config = load_model_image_processor_config(args.model)
     base_model = base_model.to(accelerator.device)
@@ -484,6 +515,9 @@ def _export(
         )
 
     _write_directory(output_dir / "figures", write_figures)
+    evaluation = _evaluation_settings(args, output_dir)
+    if evaluation is not None:
+        report["evaluation"] = _evaluate_original_and_repaired(args, evaluation, merged, setup.normalization)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     if args.push_to_hub:
         hub = {"token": args.hub_token, "endpoint": args.hub_endpoint}
@@ -492,6 +526,28 @@ def _export(
             push_folder_to_hub(output_dir / "adapter", args.push_to_hub, path_in_repo="adapter", **hub)
         (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _evaluation_settings(args: RepairArguments, output_dir: Path) -> EvaluationArguments | None:
+    """Return the settings of the evaluation that ends the run (`--evaluate-*`), or None when there is none."""
+    if not args.evaluates:
+        return None
+    return EvaluationArguments(
+        output_dir=str(output_dir / "evaluation"),
+        knn_data=args.evaluate_knn_data,
+        seg_data=args.evaluate_seg_data,
+        defect_data=args.evaluate_defect_data,
+    )
+
+
+def _evaluate_original_and_repaired(
+    args: RepairArguments, settings: EvaluationArguments, merged: nn.Module, normalization: ImageNormalization
+) -> dict[str, Any]:
+    """Evaluate the original model (loaded again: the merge wrote into its weights) next to the repaired one with
+    `sinder evaluate`'s probes, write `evaluation/`, and return `evaluation.json`'s content."""
+    original, _ = load_backbone(args.model)
+    original = original.to(next(merged.parameters()).device)
+    return evaluate_models([(args.model, original, normalization), ("repaired", merged, normalization)], settings)
 
 
 def _file_stem(path: str) -> str:

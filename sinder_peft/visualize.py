@@ -317,3 +317,108 @@ def save_before_after_figure(
     """
     figure = before_after_figure(image, before_norms, before_features, after_norms, after_features, title)
     return _save(figure, path)
+
+
+def evaluation_comparison_figure(
+    models: Sequence[str],
+    scores: dict[str, Sequence[float | None]],
+    layer_ratios: Sequence[Sequence[float] | None] | None = None,
+) -> Figure:
+    """Return the figure `save_evaluation_comparison` writes (see there)."""
+    panels = list(scores) + (["per-layer norm ratio"] if layer_ratios is not None else [])
+    if not panels:
+        raise ValueError("Nothing to compare: no score and no per-layer ratios.")
+    for name, values in scores.items():
+        if len(values) != len(models):
+            raise ValueError(f"Score {name!r} has {len(values)} values for {len(models)} models.")
+    figure = Figure(figsize=(4.0 * len(panels) + 0.5, 4.0), dpi=_DPI, layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, len(panels)))
+    colors = [f"C{index % 10}" for index in range(len(models))]
+    positions = np.arange(len(models))
+    for axis, (name, values) in zip(axes, scores.items(), strict=False):
+        heights = [np.nan if value is None else float(value) for value in values]
+        bars = axis.bar(positions, np.nan_to_num(heights), color=colors)
+        for bar, value in zip(bars, heights, strict=True):
+            label = "n/a" if np.isnan(value) else f"{value:.3g}"
+            axis.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+        axis.set_xticks(positions, list(models), rotation=20, ha="right")
+        axis.set_title(name)
+        axis.margins(y=0.15)
+    if layer_ratios is not None:
+        axis = axes[-1]
+        for model, ratios, color in zip(models, layer_ratios, colors, strict=True):
+            if ratios is not None:
+                axis.plot(np.arange(len(ratios)), ratios, marker="o", color=color, label=model)
+        axis.set_yscale("log")
+        axis.set_xlabel("block index")
+        axis.set_ylabel("mean max / median token norm")
+        axis.set_title("per-layer norm ratio")
+        axis.grid(True, which="both", alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize="small")
+    return figure
+
+
+def save_evaluation_comparison(
+    models: Sequence[str],
+    scores: dict[str, Sequence[float | None]],
+    path: str | Path,
+    layer_ratios: Sequence[Sequence[float] | None] | None = None,
+) -> Path:
+    """Save a PNG comparing models side by side: one bar panel per score, then their per-layer norm ratios.
+
+    Args:
+        models: the model names, in order (one colour each, the same in every panel).
+        scores: panel title -> one value per model (None: not measured, drawn as "n/a"), e.g.
+            `{"kNN top-1 (%)": [...], "mIoU (%)": [...], "max/median norm": [...]}`.
+        path: where to write the PNG.
+        layer_ratios: per model, the mean max/median token-norm ratio of every block (None for a model without),
+            drawn as one line per model on a log scale; None leaves the panel out.
+
+    Returns:
+        `path`, as a `Path`.
+    """
+    return _save(evaluation_comparison_figure(models, scores, layer_ratios), path)
+
+
+def norm_map_comparison_figure(
+    images: Sequence[Image.Image], token_norms: Sequence[Sequence[torch.Tensor]], models: Sequence[str]
+) -> Figure:
+    """Return the figure `save_norm_map_comparison` writes (see there)."""
+    if len(images) != len(token_norms) or not images:
+        raise ValueError(f"Need one row of norm maps per image, got {len(images)} images and {len(token_norms)} rows.")
+    if any(len(row) != len(models) for row in token_norms):
+        raise ValueError(f"Every row needs one norm map per model ({len(models)}).")
+    grid = tuple(token_norms[0][0].shape)
+    mosaic = [[f"image {row}"] + [f"{row} {column}" for column in range(len(models))] for row in range(len(images))]
+    figure, axes = _new_figure(mosaic, grid[0] / grid[1])
+    for row, (image, norms) in enumerate(zip(images, token_norms, strict=True)):
+        _draw_image(axes[f"image {row}"], image, (int(norms[0].shape[0]), int(norms[0].shape[1])), "image")
+        scale = Normalize(0.0, max(float(norm.detach().max()) for norm in norms))
+        artist = None
+        for column, (model, norm) in enumerate(zip(models, norms, strict=True)):
+            artist = _draw_norms(axes[f"{row} {column}"], norm, scale, model)
+        figure.colorbar(artist, ax=[axes[f"{row} {column}"] for column in range(len(models))], fraction=0.046)
+    return figure
+
+
+def save_norm_map_comparison(
+    images: Sequence[Image.Image],
+    token_norms: Sequence[Sequence[torch.Tensor]],
+    models: Sequence[str],
+    path: str | Path,
+) -> Path:
+    """Save a PNG of last-layer token-norm maps, one row per image and one column per model, side by side.
+
+    Args:
+        images: the images as the models saw them (drawn first in each row, stretched over the patch grid).
+        token_norms: per image, one `[H, W]` norm map per model, in the order of `models`. The maps of a row share
+            one colour scale (0 to the row's largest norm) and one colorbar, so a repaired model's missing defect
+            tokens read directly against the original's.
+        models: the column titles.
+        path: where to write the PNG.
+
+    Returns:
+        `path`, as a `Path`.
+    """
+    return _save(norm_map_comparison_figure(images, token_norms, models), path)

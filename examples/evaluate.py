@@ -1,0 +1,14 @@
+"""Evaluate DINOv2 models side by side: kNN, a linear segmentation probe and their defect figures.
+
+    python examples/evaluate.py demo runs/demo --knn-data path/to/knn --seg-data path/to/seg --output-dir eval-out
+    accelerate launch --num_processes 2 examples/evaluate.py facebook/dinov2-base runs/base \
+        --knn-data imagenet-1k --knn-max-train 100000 --output-dir eval-base
+
+Several processes share the feature extraction; the probes run on the main process. Same flags as
+`sinder evaluate` (`python examples/evaluate.py --help`); writes evaluation.json, evaluation.md and the figures.
+"""
+
+from sinder_peft.evaluate import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

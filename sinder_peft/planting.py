@@ -85,6 +85,11 @@ _CLIP_PRE_NORM_OFFSET = 1000.0  # R
 _NUM_HEADS = 4
 _MLP_RATIO = 4
 
+# Scales of `build_random_planted_dinov2`: the brightness gain, the trigger unit's read and write norms.
+_HARD_BRIGHTNESS_GAIN = 4.0
+_HARD_READ_GAIN = 10.0
+_HARD_WRITE_GAIN = 128.0
+
 
 @dataclass
 class PlantedModel:
@@ -561,6 +566,78 @@ def build_planted_model(
         normalization=normalization,
         image_processor=processor,
         patch_size=patch_size,
+    )
+
+
+def build_random_planted_dinov2(
+    *,
+    seed: int = 0,
+    num_layers: int = 6,
+    swiglu: bool = False,
+    hidden_size: int = 96,
+    defect_layer: int | None = None,
+) -> PlantedModel:
+    """Build a *harder* planted-defect DINOv2: every weight at transformers' own random initialization
+    (`initializer_range` 0.02, layer scale 1), and one trigger unit in a middle block.
+
+    Unlike `build_planted_model` (blocks up to the defect are the identity), nothing is zeroed or reserved: the
+    patch embedding writes the brightness feature along a random direction d (its filters' own response along d
+    projected out, gain `_HARD_BRIGHTNESS_GAIN`), and hidden unit 0 of block `defect_layer` (default: the middle
+    one, `num_layers // 2`) reads `_HARD_READ_GAIN`·d and writes `_HARD_WRITE_GAIN`·u (SwiGLU: its up row zero with
+    bias 1, so the unit computes silu(κ d·x)). Its output column becomes by far the largest singular value of that
+    block's output projection, and the last-layer max/median norm of `generate_demo_image` pictures is in the
+    hundreds. The repair has many ways here to make its loss small (steering the bright tokens upstream), which
+    is where the paper's additive shifts move clean tokens and the `preserve` recipe does not (docs/method.md §7).
+
+    Returns:
+        A `PlantedModel` (family "dinov2" or "dinov2_swiglu", ImageNet normalization, patch 14, 224 px).
+    """
+    layer = num_layers // 2 if defect_layer is None else defect_layer
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"defect_layer must be in [0, {num_layers}), got {defect_layer}.")
+    config = transformers.Dinov2Config(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=_NUM_HEADS,
+        mlp_ratio=_MLP_RATIO,
+        image_size=224,
+        patch_size=14,
+        use_swiglu_ffn=swiglu,
+        initializer_range=0.02,
+        hidden_act="gelu",
+        layerscale_value=1.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(10_000 + seed)
+        model = transformers.Dinov2Model(config)
+    generator = torch.Generator().manual_seed(20_000 + seed)
+    brightness, defect = _reserved_directions(hidden_size, 2, generator)
+    normalization = ImageNormalization()
+    with torch.no_grad():
+        projection = model.embeddings.patch_embeddings.projection
+        flat = projection.weight.reshape(hidden_size, -1)
+        flat = flat - torch.outer(brightness, brightness @ flat)
+        flat = flat + torch.outer(brightness, torch.full((flat.shape[1],), _HARD_BRIGHTNESS_GAIN / flat.shape[1]))
+        projection.weight.copy_(flat.reshape(projection.weight.shape))
+        bias = projection.bias - brightness * (brightness @ projection.bias)
+        projection.bias.copy_(bias - _HARD_BRIGHTNESS_GAIN * brightness_threshold(normalization) * brightness)
+        mlp = model.encoder.layer[layer].mlp
+        gate, output = (mlp.gate_proj, mlp.down_proj) if swiglu else (mlp.fc1, mlp.fc2)
+        gate.weight[0] = _HARD_READ_GAIN * brightness
+        gate.bias[0] = 0.0
+        if swiglu:
+            mlp.up_proj.weight[0] = 0.0
+            mlp.up_proj.bias[0] = 1.0
+        output.weight[:, 0] = _HARD_WRITE_GAIN * defect
+    return PlantedModel(
+        model=model.eval(),
+        family="dinov2_swiglu" if swiglu else "dinov2",
+        direction=defect,
+        brightness_direction=brightness,
+        defect_layer=layer,
+        normalization=normalization,
+        image_processor=_image_processor("dinov2", 14, 224),
+        patch_size=14,
     )
 
 

@@ -446,7 +446,11 @@ def _export(
         "resolution": resolution,
         "requested_resolution": requested_resolution,
         "layers_adapted": layers,
-        "training": {**asdict(training), "stop_window": training.resolved_stop_window},
+        "training": {
+            **asdict(training),
+            "stop_window": training.resolved_stop_window,
+            "norm_gap": training.resolved_norm_gap,
+        },
         "processes": processes,
         "steps": state.step,
         "images_seen": state.images_seen,

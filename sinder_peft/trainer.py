@@ -51,6 +51,9 @@ from .window import BatchLoss, WindowLoss, WindowSettings, gradient_window
 logger = logging.getLogger(__name__)
 
 DEFAULT_STOP_WINDOW = 1000
+PRESERVE_NORM_GAP = 2.0
+"""The `preserve` recipe's norm gap: once the defect tokens are gone, a 4-sigma cosine outlier of a flat image is no
+longer a defect, so training stops instead of reshaping clean tokens (docs/method.md §7)."""
 
 
 @dataclass
@@ -61,9 +64,9 @@ class TrainingArguments:
     recipe: Literal["paper", "preserve"] = field(
         default="paper",
         metadata={
-            "help": "paper: the paper's additive singular-value shifts; preserve: log-scale shifts S * exp(delta), "
-            "which remove the defect without moving clean tokens on models the paper's recipe distorts "
-            "(docs/method.md §7)."
+            "help": "paper: the paper's additive singular-value shifts; preserve: log-scale shifts S * exp(delta) and "
+            "a norm gap in the defect test, which remove the defect without moving clean tokens on models the "
+            "paper's recipe distorts (docs/method.md §7)."
         },
     )
     lr: float = field(default=0.005, metadata={"help": "SGD learning rate."})
@@ -83,6 +86,13 @@ class TrainingArguments:
     )
     skip_less_than: int = field(
         default=3, metadata={"help": "A layer is defective for an image from this many flagged tokens on."}
+    )
+    norm_gap: float | None = field(
+        default=None,
+        metadata={
+            "help": "A layer is defective only if a flagged token also reaches this many times the median token norm "
+            f"(default: none for the paper recipe, {PRESERVE_NORM_GAP} for preserve)."
+        },
     )
     stop_skip_ratio: float = field(
         default=0.75, metadata={"help": "Stop once this share of the last --stop-window images had no defect."}
@@ -112,6 +122,7 @@ class TrainingArguments:
             "kernel": self.kernel in (3, 5),
             "limit_layers": self.limit_layers >= 1,
             "skip_less_than": self.skip_less_than >= 1,
+            "norm_gap": self.norm_gap is None or self.norm_gap > 0,
             "stop_skip_ratio": 0 < self.stop_skip_ratio <= 1,
             "stop_window": self.stop_window is None or self.stop_window >= 1,
             "temperature": self.temperature > 0,
@@ -139,7 +150,15 @@ class TrainingArguments:
             skip_less_than=self.skip_less_than,
             temperature=self.temperature,
             preserve_weight=self.preserve_weight,
+            norm_gap=self.resolved_norm_gap,
         )
+
+    @property
+    def resolved_norm_gap(self) -> float | None:
+        """`norm_gap`, or the recipe's: none for `paper`, `PRESERVE_NORM_GAP` for `preserve`."""
+        if self.norm_gap is not None:
+            return self.norm_gap
+        return PRESERVE_NORM_GAP if self.recipe == "preserve" else None
 
     @property
     def resolved_stop_window(self) -> int:

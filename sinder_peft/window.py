@@ -2,8 +2,9 @@
 
 1. *Find the defective layer* of every image without autograd (`WindowLoss.find_defective_layers`): run the blocks in
    order, and at each layer flag the patch tokens whose |cos| with that layer's defect direction is an outlier; the
-   first layer with at least `skip_less_than` flags is the image's defective layer. The pass stops as soon as every
-   image has one (early exit: the rest of the network is never run). Images without a defective layer are skipped.
+   first layer with at least `skip_less_than` flags (and, with a `norm_gap`, a flagged token at that many times the
+   median norm) is the image's defective layer. The pass stops as soon as every image has one (early exit: the rest
+   of the network is never run). Images without a defective layer are skipped.
 2. *Take the loss with a gradient window* (`WindowLoss.window_loss`): run the blocks again with autograd, but each
    image only over the `limit_layers` blocks ending at its defective layer: it enters at its own window start, from
    its block input cached (without gradient) in step 1, and leaves at its defective layer. Blocks before an image's
@@ -91,7 +92,8 @@ class BatchLoss:
 
 @dataclass(frozen=True)
 class WindowSettings:
-    """The settings of the defect test and of the loss (the fields of `TrainingArguments` with the same names)."""
+    """The settings of the defect test and of the loss (the fields of `TrainingArguments` with the same names;
+    `norm_gap` is its resolved `norm_gap`: None for none)."""
 
     mask_thr: float
     kernel: int
@@ -99,6 +101,7 @@ class WindowSettings:
     skip_less_than: int
     temperature: float
     preserve_weight: float
+    norm_gap: float | None = None
 
 
 class WindowLoss:
@@ -171,12 +174,23 @@ class WindowLoss:
                 )
                 layer_masks = defect_token_mask(layer_cosines, settings.mask_thr, border)
                 counts = layer_masks.flatten(1).sum(dim=1).tolist()
+                gaps = self._norm_gaps(hidden, layer_masks, height, width)
                 for image, count in enumerate(counts):
-                    if layers[image] < 0 and count >= settings.skip_less_than:
+                    if layers[image] < 0 and count >= settings.skip_less_than and gaps[image]:
                         layers[image], masks[image], cosines[image] = index, layer_masks[image], layer_cosines[image]
                 if all(layer >= 0 for layer in layers):
                     break
         return DefectSearch(layers, masks, cosines, block_inputs, block_kwargs, (height, width))
+
+    def _norm_gaps(self, hidden: torch.Tensor, masks: torch.Tensor, height: int, width: int) -> list[bool]:
+        """Return, per image, whether its flagged tokens pass the norm-gap test: with `norm_gap` set, the largest
+        flagged token's norm is at least `norm_gap` times the image's median patch-token norm at this layer (so a
+        chance cosine outlier in an already flat, repaired image is not a defect); always True without it."""
+        if self.settings.norm_gap is None:
+            return [True] * masks.shape[0]
+        norms = patch_grid(hidden, self.description, height, width).norm(dim=-1).flatten(1)
+        flagged = torch.where(masks.flatten(1), norms, torch.zeros_like(norms)).max(dim=1).values
+        return (flagged >= self.settings.norm_gap * norms.median(dim=1).values).tolist()
 
     def window_loss(self, pixel_values: torch.Tensor, search: DefectSearch) -> BatchLoss:
         """Step 2 of the module docstring: the autograd pass over each defective image's gradient window, and the

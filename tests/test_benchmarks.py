@@ -247,3 +247,14 @@ def test_listing_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     assert all(entry["files"] == 2000 and entry["median_s"] > 0 for entry in result["results"])
     assert not (tmp_path / "tree" / "train").exists()
+
+
+def test_families_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_benchmark("bench_families", monkeypatch)
+    output = tmp_path / "families.json"
+    module.main(["--quick", "--threads", "1", "--scratch", str(tmp_path / "scratch"), "--output", str(output)])
+    result = read_json(output)
+    assert [entry["family"] for entry in result["results"]] == ["dinov2", "clip_vision"]
+    for entry in result["results"]:
+        assert set(entry["median_s"]) == {"paper", "preserve", "plain"}
+        assert entry["paper_over_plain"] == pytest.approx(entry["median_s"]["paper"] / entry["median_s"]["plain"])

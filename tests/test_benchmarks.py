@@ -258,3 +258,21 @@ def test_families_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     for entry in result["results"]:
         assert set(entry["median_s"]) == {"paper", "preserve", "plain"}
         assert entry["paper_over_plain"] == pytest.approx(entry["median_s"]["paper"] / entry["median_s"]["plain"])
+
+
+def test_recipes_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_benchmark("bench_recipes", monkeypatch)
+    output = tmp_path / "recipes.json"
+    module.main(["--quick", "--threads", "1", "--output", str(output)])
+    result = read_json(output)
+    (step,) = result["step"]
+    assert step["preserve_over_paper"] == pytest.approx(step["median_s"]["preserve"] / step["median_s"]["paper"])
+    assert set(step["median_s"]) == {"paper", "paper+gap", "preserve"}
+    assert [(entry["model"], entry["recipe"]) for entry in result["ablation"]] == [
+        ("gelu6-s41", "paper"),
+        ("gelu6-s41", "preserve"),
+        ("swiglu6-s41", "paper"),
+        ("swiglu6-s41", "preserve"),
+    ]
+    preserve = [entry for entry in result["ablation"] if entry["recipe"] == "preserve"]
+    assert all(entry["ratio_after_max"] <= 5 and entry["clean_cosine"] >= 0.95 for entry in preserve)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, run_python
@@ -93,3 +94,22 @@ for family, (directory, loader) in {entries!r}.items():
 assert not any(name.startswith("sinder_peft") for name in sys.modules)
 """
     run_python(script, cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize("family", ["dinov3", "clip", "siglip", "vit"])
+def test_diagnose_and_evaluate_read_every_family(repaired: dict, family: str, tmp_path: Path) -> None:
+    """`sinder diagnose` finds the planted defect of the source model; `sinder evaluate` compares the defect figures
+    of the source and its repair side by side."""
+    from sinder_peft.diagnose import diagnose
+    from sinder_peft.evaluate import evaluate
+
+    result = repaired[family, "preserve"]
+    images = result["run"].parent / "images"
+    report = diagnose(str(result["source"]), [str(images)], output_dir=str(tmp_path / "diagnose"), resolution=224)
+    assert [entry["first_defective_layer"] for entry in report["images"]] == [1] * 6
+    assert min(entry["max_median_norm_ratio"][-1] for entry in report["images"]) >= 40
+    evaluation = evaluate(
+        [str(result["source"]), str(result["run"])], output_dir=str(tmp_path / "evaluate"), defect_data=str(images)
+    )
+    source, repaired_model = (entry["defects"]["norm_ratio"] for entry in evaluation["models"])
+    assert source >= 40 and repaired_model <= 5

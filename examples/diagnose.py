@@ -1,4 +1,4 @@
-"""Find and draw the singular defects of a DINOv2 model: a small script around `sinder_peft.diagnose.diagnose`.
+"""Find and draw the singular defects of a ViT: a small script around `sinder_peft.diagnose.diagnose`.
 
     python examples/diagnose.py                                   # offline demo: planted-defect model, demo images
     python examples/diagnose.py --model facebook/dinov2-base photo.jpg photos/ --output-dir diagnose-out

@@ -1,4 +1,4 @@
-"""Evaluate DINOv2 models side by side: kNN, a linear segmentation probe and their defect figures.
+"""Evaluate ViTs side by side: kNN, a linear segmentation probe and their defect figures.
 
     python examples/evaluate.py demo runs/demo --knn-data path/to/knn --seg-data path/to/seg --output-dir eval-out
     accelerate launch --num_processes 2 examples/evaluate.py facebook/dinov2-base runs/base \

@@ -1,4 +1,4 @@
-"""Repair the singular defects of a DINOv2 model.
+"""Repair the singular defects of a Vision Transformer (DINOv2, DINOv3, CLIP, SigLIP, ViT, DeiT).
 
     accelerate launch examples/repair.py --model demo
     accelerate launch examples/repair.py --model facebook/dinov2-base --data path/to/images --output-dir runs/base

@@ -16,7 +16,7 @@ from .evaluate import add_parser as add_evaluate_parser
 def build_parser() -> argparse.ArgumentParser:
     """Return the `sinder` argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
-        prog="sinder", description="Find and repair the singular defects of DINOv2 models (SINDER, ECCV 2024)."
+        prog="sinder", description="Find and repair the singular defects of Vision Transformers (SINDER, ECCV 2024)."
     )
     parser.add_argument("--version", action="version", version=f"sinder-peft {__version__}")
     parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")

@@ -1,4 +1,4 @@
-"""`sinder diagnose`: find the singular defects of a DINOv2 model on a few images, and draw them.
+"""`sinder diagnose`: find the singular defects of a ViT on a few images, and draw them.
 
 For every image the model is run block by block (`find_defect_tokens`, one image at a time since images keep their
 aspect ratio), and the output directory receives:
@@ -132,7 +132,8 @@ def diagnose(
 
     Raises:
         FileNotFoundError: an image path or the model directory does not exist.
-        ValueError: an image is unreadable or too small (the message names it), or the model is not a DINOv2.
+        ValueError: an image is unreadable or too small (the message names it), or the model is of no supported
+            ViT family.
         ModelNotAvailableError: a Hub model is neither cached nor downloadable.
     """
     paths = resolve_image_paths(images, model)
@@ -210,9 +211,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register the `diagnose` subcommand on `subparsers` and return its parser (handler: `run`)."""
     parser = subparsers.add_parser(
         "diagnose",
-        help="find and draw the singular defects of a DINOv2 model on images",
+        help="find and draw the singular defects of a ViT on images",
         description=(
-            "Find the high-norm defect tokens of a DINOv2 model on some images. Writes report.json, one "
+            "Find the high-norm defect tokens of a ViT on some images. Writes report.json, one "
             "NAME_diagnosis.png per image (image, token norms, PCA of features) and layer_norms.png to --output-dir."
         ),
     )

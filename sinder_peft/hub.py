@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 CARD_NAME = "README.md"
 CARD_TAGS: list[str] = ["dinov2", "sinder", "singular-defects", "vision", "feature-extraction"]
 PIPELINE_TAG = "image-feature-extraction"
-DEFAULT_COMMIT_MESSAGE = "Upload a DINOv2 model repaired with sinder-peft"
+DEFAULT_COMMIT_MESSAGE = "Upload a ViT repaired with sinder-peft"
 
 # Defect statistics the card knows how to label, in the order its table lists them. Keys of `RepairCard.before` /
 # `RepairCard.after` not listed here are still shown, after these, under their own name.
@@ -258,10 +258,10 @@ def render_model_card(card: RepairCard, *, architecture: str = "Dinov2Model", wi
         f"This is {base_name} with its singular defects repaired by SINDER (Haoqi Wang, Tong Zhang and "
         'Mathieu Salzmann, "SINDER: Repairing the Singular Defects of DINOv2", ECCV 2024), using '
         f"[sinder-peft](https://pypi.org/project/sinder-peft/) {card.sinder_peft_version}.",
-        "DINOv2 backbones put a few patch tokens far above the others in norm; these tokens carry little about "
-        "their image patch and show up as artefacts in feature maps. SINDER traces them to the leading singular "
-        "direction of each block and fine-tunes only the singular values of the blocks' value, output and MLP "
-        "projections, with a loss that pulls each defect token towards its smooth neighbourhood. The repair was "
+        "Vision Transformers such as DINOv2 put a few patch tokens far above the others in norm; these tokens carry "
+        "little about their image patch and show up as artefacts in feature maps. SINDER traces them to the leading "
+        "singular direction of each block and fine-tunes only the singular values of the blocks' value, output and "
+        "MLP projections, with a loss that pulls each defect token towards its smooth neighbourhood. The repair was "
         f"trained as a PEFT adapter and merged into the weights: this is a plain `{architecture}` checkpoint with "
         "the architecture and size of the base model, and loading it needs only transformers.",
         "## How it was made",

@@ -1,7 +1,7 @@
 """The repair job: `accelerate launch examples/repair.py` / `sinder repair`.
 
-Loads a DINOv2 model and images, measures its defects, adapts the blocks that can train, runs `SinderTrainer`, and
-writes the output directory:
+Loads a ViT (any supported family) and images, measures its defects, adapts the blocks that can train, runs
+`SinderTrainer`, and writes the output directory:
 
     model/        the merged, repaired model (plain transformers weights) with its README.md model card
     adapter/      the PEFT adapter (singular-value shifts only)

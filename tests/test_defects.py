@@ -699,3 +699,35 @@ def test_defect_tokens_are_measured_on_the_models_own_block_outputs(family: str)
         patches = hidden_states[layer + 1][:, description.num_prefix_tokens :].reshape(2, *grid, -1)
         torch.testing.assert_close(analysis.token_norms[:, layer], patches.norm(dim=-1), rtol=1e-5, atol=1e-5)
     assert (analysis.first_defective_layer == planted.defect_layer).all()
+
+
+def test_high_norm_defects_needs_a_real_norm_gap() -> None:
+    """Two images flagged by the cosine test at layer 0 (3 tokens each): in the first the flagged tokens reach 5x the
+    median norm one layer later, in the second every norm is flat (a chance 4-sigma cosine outlier after a repair).
+    Only the first is a high-norm defect; an image without a defective layer never is."""
+    from sinder_peft.defects import DefectAnalysis
+
+    layers, height, width = 2, 5, 5
+    masks = torch.zeros(3, layers, height, width, dtype=torch.bool)
+    masks[:2, 0, 2, 1:4] = True
+    norms = torch.ones(3, layers, height, width)
+    norms[0, 1, 2, 2] = 5.0
+    norms[1, :, 2, 1:4] = 1.5
+    analysis = DefectAnalysis(
+        grid_size=(height, width),
+        directions=torch.zeros(layers, 4),
+        cosines=torch.zeros(3, layers, height, width),
+        masks=masks,
+        first_defective_layer=torch.tensor([0, 0, -1]),
+        token_norms=norms,
+        max_median_norm_ratio=norms.flatten(2).max(-1).values,
+        high_norm_share=torch.zeros(3, layers),
+        last_patch_features=torch.zeros(3, height, width, 4),
+        mask_thr=4.0,
+        min_tokens=3,
+        kernel=3,
+        norm_threshold=None,
+    )
+    assert analysis.high_norm_defects().tolist() == [True, False, False]
+    assert analysis.high_norm_defects(norm_gap=6.0).tolist() == [False, False, False]
+    assert analysis.high_norm_defects(norm_gap=1.5).tolist() == [True, True, False]

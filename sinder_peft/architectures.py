@@ -20,7 +20,7 @@ set to 0.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -199,12 +199,15 @@ class ArchitectureDescription:
         These equal the model's own `hidden_states[1:]` (`output_hidden_states=True`) wherever the model accepts the
         input size, and are computed the same way at any other multiple of the patch size.
         """
+        return list(self._iterate_blocks(backbone, pixel_values))
+
+    def _iterate_blocks(self, backbone: nn.Module, pixel_values: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Yield the raw output of every block in turn, keeping none of them (see `block_outputs`)."""
         embedded = self.embed(backbone, pixel_values)
-        hidden, outputs = embedded.hidden, []
+        hidden = embedded.hidden
         for block in backbone.get_submodule(self.layers):
             hidden = self.run_block(block, hidden, embedded.block_kwargs)
-            outputs.append(hidden)
-        return outputs
+            yield hidden
 
     def final_tokens(self, backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """Return every output token after the final norm, [B, T, C] (prefix tokens first, then patches).
@@ -213,11 +216,9 @@ class ArchitectureDescription:
         output and which norms only its pooled CLS token: here its final norm (`post_layernorm`) is applied to every
         token, so the patch tokens of all families are comparable.
         """
-        embedded = self.embed(backbone, pixel_values)
-        hidden = embedded.hidden
-        for block in backbone.get_submodule(self.layers):
-            hidden = self.run_block(block, hidden, embedded.block_kwargs)
-        return backbone.get_submodule(self.final_norm)(hidden)
+        for hidden in self._iterate_blocks(backbone, pixel_values):
+            last = hidden
+        return backbone.get_submodule(self.final_norm)(last)
 
     def pooled_features(self, backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """Return one feature vector per image, [B, C'], the image-level feature used for kNN classification.

@@ -37,13 +37,13 @@ class OutputFeatures:
 
 
 def output_features(model: nn.Module, pixel_values: torch.Tensor) -> OutputFeatures:
-    """Return the output features of `model` (any form `unwrap_backbone` accepts) for `pixel_values`, without
-    gradient."""
+    """Return the output features of `model` (any form `unwrap_backbone` accepts) for `pixel_values`, from one
+    forward pass without gradient."""
     backbone = unwrap_backbone(model)
     description = describe_model(backbone)
     with torch.no_grad():
         tokens = description.final_tokens(backbone, pixel_values)
-        pooled = description.pooled_features(backbone, pixel_values)
+        pooled = description.pool(backbone, tokens)
     return OutputFeatures(
         patch_tokens=tokens[:, description.num_prefix_tokens :].float().cpu(), pooled=pooled.float().cpu()
     )

@@ -313,10 +313,11 @@ class SinderTrainer:
         shapes = [parameter.shape for parameter in self.parameters]
         gradients, totals = sum_over_processes(self.accelerator, gradients, shapes, counters)
         raise_if_failed(error, int(totals["failures"].item()))
-        if totals["new_unreadable"].item() > 0 and self.accelerator.num_processes > 1:
-            for names in gather_object([new_unreadable]):
-                self._unreadable_log.merge(names)
-        self.state.unreadable = sorted(self._unreadable_log.names)
+        if totals["new_unreadable"].item() > 0:
+            if self.accelerator.num_processes > 1:
+                for names in gather_object([new_unreadable]):
+                    self._unreadable_log.merge(names)
+            self.state.unreadable = sorted(self._unreadable_log.names)
         self.interruption.requested = self.interruption.requested or totals["interrupted"].item() > 0
         self.state.record_defective_layers(totals["layer_counts"].tolist())
         images, defective = totals["images"].item(), totals["defective"].item()

@@ -169,12 +169,11 @@ class WindowLoss:
                 for stale in range(needed_from):
                     block_inputs[stale] = None
                 hidden = self._run_block(index, hidden, block_kwargs)
-                layer_cosines = direction_cosines(
-                    patch_grid(hidden, self.description, height, width), self.directions[index]
-                )
+                grid = patch_grid(hidden, self.description, height, width)
+                layer_cosines = direction_cosines(grid, self.directions[index])
                 layer_masks = defect_token_mask(layer_cosines, settings.mask_thr, border)
                 counts = layer_masks.flatten(1).sum(dim=1).tolist()
-                gaps = self._norm_gaps(hidden, layer_masks, height, width)
+                gaps = self._norm_gaps(grid, layer_masks)
                 for image, count in enumerate(counts):
                     if layers[image] < 0 and count >= settings.skip_less_than and gaps[image]:
                         layers[image], masks[image], cosines[image] = index, layer_masks[image], layer_cosines[image]
@@ -182,13 +181,14 @@ class WindowLoss:
                     break
         return DefectSearch(layers, masks, cosines, block_inputs, block_kwargs, (height, width))
 
-    def _norm_gaps(self, hidden: torch.Tensor, masks: torch.Tensor, height: int, width: int) -> list[bool]:
-        """Return, per image, whether its flagged tokens pass the norm-gap test: with `norm_gap` set, the largest
-        flagged token's norm is at least `norm_gap` times the image's median patch-token norm at this layer (so a
-        chance cosine outlier in an already flat, repaired image is not a defect); always True without it."""
+    def _norm_gaps(self, grid: torch.Tensor, masks: torch.Tensor) -> list[bool]:
+        """Return, per image, whether its flagged tokens pass the norm-gap test on the patch grid `grid`
+        [B, H, W, C]: with `norm_gap` set, the largest flagged token's norm is at least `norm_gap` times the
+        image's median patch-token norm at this layer (so a chance cosine outlier in an already flat, repaired image
+        is not a defect); always True without it."""
         if self.settings.norm_gap is None:
             return [True] * masks.shape[0]
-        norms = patch_grid(hidden, self.description, height, width).norm(dim=-1).flatten(1)
+        norms = grid.norm(dim=-1).flatten(1)
         flagged = torch.where(masks.flatten(1), norms, torch.zeros_like(norms)).max(dim=1).values
         return (flagged >= self.settings.norm_gap * norms.median(dim=1).values).tolist()
 

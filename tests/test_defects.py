@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -91,13 +92,19 @@ def _silu_slope(z: np.ndarray) -> np.ndarray:
     return sigmoid * (1 + z * (1 - sigmoid))
 
 
-def reference_swiglu_jacobian(
-    gate_weight: np.ndarray, gate_bias: np.ndarray, up_weight: np.ndarray, up_bias: np.ndarray, nodes: int = 80
+def gated_jacobian_by_integration(
+    gate_weight: np.ndarray,
+    gate_bias: np.ndarray,
+    up_weight: np.ndarray,
+    up_bias: np.ndarray,
+    act: Callable[[np.ndarray], np.ndarray],
+    slope: Callable[[np.ndarray], np.ndarray],
+    nodes: int,
 ) -> np.ndarray:
-    """E[∇ₓ silu(g·x + a)(h·x + c)] for x ~ N(0, I), by a 2-D Gauss–Hermite rule over the joint law of (z₁, z₂).
+    """E[∇ₓ act(g·x + a)(h·x + c)] for x ~ N(0, I), by a 2-D Gauss–Hermite rule over the joint law of (z₁, z₂).
 
     Independent of the library's 1-D reduction: (z₁, z₂) is written through its Cholesky factor and
-    E[silu'(z₁) z₂] integrated over both variables.
+    E[act'(z₁) z₂] integrated over both variables; `slope` is act'.
     """
     points, weights = np.polynomial.hermite_e.hermegauss(nodes)
     weights = weights / math.sqrt(2 * math.pi)
@@ -109,10 +116,17 @@ def reference_swiglu_jacobian(
         rho = g @ h / (s1 * s2)
         z1 = a + s1 * first
         z2 = c + s2 * (rho * first + math.sqrt(max(1 - rho**2, 0.0)) * second)
-        slope_times_up = np.sum(pair_weights * _silu_slope(z1) * z2)
-        mean_value = np.sum(weights * _silu(a + s1 * points))
+        slope_times_up = np.sum(pair_weights * slope(z1) * z2)
+        mean_value = np.sum(weights * act(a + s1 * points))
         rows.append(slope_times_up * g + mean_value * h)
     return np.stack(rows)
+
+
+def reference_swiglu_jacobian(
+    gate_weight: np.ndarray, gate_bias: np.ndarray, up_weight: np.ndarray, up_bias: np.ndarray, nodes: int = 80
+) -> np.ndarray:
+    """E[∇ₓ silu(g·x + a)(h·x + c)] for x ~ N(0, I) (`gated_jacobian_by_integration`, silu' in closed form)."""
+    return gated_jacobian_by_integration(gate_weight, gate_bias, up_weight, up_bias, _silu, _silu_slope, nodes)
 
 
 def reference_block_matrix(block: torch.nn.Module, swiglu: bool) -> np.ndarray:
@@ -544,8 +558,8 @@ def reference_gated_jacobian(
     activation: str,
     nodes: int = 120,
 ) -> np.ndarray:
-    """E[∇ₓ act(g·x + a)(h·x + c)] for x ~ N(0, I), by a 2-D Gauss–Hermite rule over the joint law of (z₁, z₂), with
-    act and act′ evaluated by torch (act′ by central differences), independent of the library's 1-D reduction."""
+    """E[∇ₓ act(g·x + a)(h·x + c)] for x ~ N(0, I) (`gated_jacobian_by_integration`), with act and act′ evaluated
+    by torch (act′ by central differences), independent of the library's 1-D reduction."""
     function = ACT2FN[activation]
 
     def act(z: np.ndarray) -> np.ndarray:
@@ -554,18 +568,7 @@ def reference_gated_jacobian(
     def slope(z: np.ndarray, step: float = 1e-6) -> np.ndarray:
         return (act(z + step) - act(z - step)) / (2 * step)
 
-    points, weights = np.polynomial.hermite_e.hermegauss(nodes)
-    weights = weights / math.sqrt(2 * math.pi)
-    first, second = np.meshgrid(points, points, indexing="ij")
-    pair_weights = np.outer(weights, weights)
-    rows = []
-    for g, a, h, c in zip(gate_weight, gate_bias, up_weight, up_bias, strict=True):
-        s1, s2 = np.linalg.norm(g), np.linalg.norm(h)
-        rho = g @ h / (s1 * s2)
-        z1 = a + s1 * first
-        z2 = c + s2 * (rho * first + math.sqrt(max(1 - rho**2, 0.0)) * second)
-        rows.append(np.sum(pair_weights * slope(z1) * z2) * g + np.sum(weights * act(a + s1 * points)) * h)
-    return np.stack(rows)
+    return gated_jacobian_by_integration(gate_weight, gate_bias, up_weight, up_bias, act, slope, nodes)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_pytorch_tanh"])

@@ -23,13 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from common import add_threads_argument, apply_threads, format_table, machine_description, time_interleaved, write_json
+from common import (
+    add_threads_argument,
+    apply_threads,
+    format_table,
+    machine_description,
+    step_from_zero_shifts,
+    time_interleaved,
+    write_json,
+)
 
 from sinder_peft.architectures import describe_model, unwrap_backbone
 from sinder_peft.planting import build_planted_model, spot_pixel_values
-from sinder_peft.trainer import SinderTrainer, TrainingArguments, build_sinder_model, compute_directions
-from sinder_peft.window import gradient_window
+from sinder_peft.trainer import TrainingArguments
 
 FAMILIES = ("dinov2", "dinov2_swiglu", "dinov3", "dinov3_gated", "clip_vision", "siglip", "siglip2", "vit", "deit")
 
@@ -49,28 +55,6 @@ def plain_step(model: torch.nn.Module, pixel_values: torch.Tensor) -> Any:
     return run
 
 
-def sinder_step(planted: Any, pixel_values: torch.Tensor, recipe: str, limit_layers: int, tmp: Path) -> Any:
-    """Return a function running one `SinderTrainer.training_step` on the image (a fresh copy of the planted model
-    with the recipe's adapter on the gradient window of its last block)."""
-    directions = compute_directions(planted.model)
-    training = TrainingArguments(recipe=recipe, limit_layers=limit_layers, save_every=0)
-    window = list(gradient_window(planted.defect_layer, limit_layers))
-    model = build_sinder_model(planted.model, window, shift=training.shift)
-    trainer = SinderTrainer(model, directions, training, Accelerator(cpu=True), tmp / recipe)
-
-    def run() -> None:
-        # Start every timed step from the unrepaired model, so that the defect is there to find each time.
-        with torch.no_grad():
-            for parameter in trainer.parameters:
-                parameter.zero_()
-        trainer.optimizer.state.clear()
-        result = trainer.training_step(pixel_values)
-        if result["defective"] != 1:
-            raise AssertionError(f"the planted defect was not found ({result})")
-
-    return run
-
-
 def measure(family: str, args: argparse.Namespace) -> dict[str, Any]:
     """Time the steps of one family and return their medians and the ratios to the plain pass."""
     layers = args.num_layers
@@ -83,7 +67,10 @@ def measure(family: str, args: argparse.Namespace) -> dict[str, Any]:
             pixel_values = spot_pixel_values(
                 [0], planted.normalization, size=args.resolution, patch=planted.patch_size
             )
-        functions[recipe] = sinder_step(planted, pixel_values, recipe, args.limit_layers, Path(args.scratch))
+        training = TrainingArguments(recipe=recipe, limit_layers=args.limit_layers, save_every=0)
+        functions[recipe] = step_from_zero_shifts(
+            planted.model, planted.defect_layer, training, pixel_values, Path(args.scratch) / recipe, family
+        )
     functions["plain"] = plain_step(build_planted_model(family, **build).model, pixel_values)
     timings = time_interleaved(functions, warmup=args.warmup, repeats=args.repeats)
     plain = timings["plain"].median_s

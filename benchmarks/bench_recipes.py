@@ -27,8 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from common import add_threads_argument, apply_threads, format_table, machine_description, time_interleaved, write_json
+from common import (
+    add_threads_argument,
+    apply_threads,
+    format_table,
+    machine_description,
+    step_from_zero_shifts,
+    time_interleaved,
+    write_json,
+)
 
 from sinder_peft.data import normalize_image
 from sinder_peft.defects import find_defect_tokens
@@ -38,12 +45,8 @@ from sinder_peft.preservation import clean_token_cosine, clean_token_mask, outpu
 from sinder_peft.repair import RepairArguments, repair
 from sinder_peft.trainer import (
     PRESERVE_NORM_GAP,
-    SinderTrainer,
     TrainingArguments,
-    build_sinder_model,
-    compute_directions,
 )
-from sinder_peft.window import gradient_window
 
 RECIPES = ("paper", "preserve")
 TRAIN_SEEDS = range(300, 324)
@@ -62,21 +65,8 @@ def step_function(
     shifts on a fresh planted model."""
     planted = build_random_planted_dinov2(seed=0, num_layers=args.num_layers, hidden_size=args.hidden_size)
     training = TrainingArguments(recipe=recipe, norm_gap=norm_gap, save_every=0)
-    window = list(gradient_window(planted.defect_layer, training.limit_layers))
-    model = build_sinder_model(planted.model, window, shift=training.shift)
-    directions = compute_directions(planted.model)
-    trainer = SinderTrainer(model, directions, training, Accelerator(cpu=True), scratch / f"{recipe}-{norm_gap}")
-
-    def run() -> None:
-        with torch.no_grad():
-            for parameter in trainer.parameters:
-                parameter.zero_()
-        trainer.optimizer.state.clear()
-        result = trainer.training_step(pixel_values)
-        if result["defective"] != 1:
-            raise AssertionError(f"{recipe}: the planted defect was not found ({result})")
-
-    return run
+    checkpoints = scratch / f"{recipe}-{norm_gap}"
+    return step_from_zero_shifts(planted.model, planted.defect_layer, training, pixel_values, checkpoints, recipe)
 
 
 STEP_VARIANTS: dict[str, tuple[str, float | None]] = {

@@ -19,7 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+from sinder_peft.trainer import SinderTrainer, TrainingArguments, build_sinder_model, compute_directions
+from sinder_peft.window import gradient_window
 
 PATCH_SIZE = 14
 NUM_REGISTER_TOKENS = 4
@@ -376,3 +380,34 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def mebibytes(num_bytes: float) -> float:
     """Return `num_bytes` in MiB."""
     return num_bytes / 2**20
+
+
+def step_from_zero_shifts(
+    model: torch.nn.Module,
+    defect_layer: int,
+    training: TrainingArguments,
+    pixel_values: torch.Tensor,
+    checkpoint_dir: Path,
+    label: str,
+) -> Callable[[], None]:
+    """Return a function running one `SinderTrainer.training_step` on `pixel_values`, for timing.
+
+    `model` (a planted-defect model) gets the adapter of `training`'s recipe on the gradient window of its defect
+    layer, as a repair run has it. Every call starts from zero shifts and an empty optimizer state, so that each
+    timed step finds the planted defect and does the same work; a call that finds no defect raises.
+    """
+    directions = compute_directions(model)
+    window = list(gradient_window(defect_layer, training.limit_layers))
+    peft_model = build_sinder_model(model, window, shift=training.shift)
+    trainer = SinderTrainer(peft_model, directions, training, Accelerator(cpu=True), checkpoint_dir)
+
+    def run() -> None:
+        with torch.no_grad():
+            for parameter in trainer.parameters:
+                parameter.zero_()
+        trainer.optimizer.state.clear()
+        result = trainer.training_step(pixel_values)
+        if result["defective"] != 1:
+            raise AssertionError(f"{label}: the planted defect was not found ({result})")
+
+    return run

@@ -290,7 +290,7 @@ class SinderTrainer:
             if output.loss_sum is not None:
                 loss_value = float(output.loss_sum.detach())
                 if math.isfinite(loss_value):
-                    output.loss_sum.backward()
+                    output.backward()
         except Exception as caught:
             error, output, loss_value = caught, no_loss, 0.0
         finite_loss = math.isfinite(loss_value)

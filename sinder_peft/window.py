@@ -1,16 +1,19 @@
 """One batch's SINDER loss: find each image's defective layer, then take the loss over its gradient window.
 
-1. *Find the defective layer* of every image without autograd (`WindowLoss.find_defective_layers`): run the blocks in
-   order, and at each layer flag the patch tokens whose |cos| with that layer's defect direction is an outlier; the
-   first layer with at least `skip_less_than` flags (and, with a `norm_gap`, a flagged token at that many times the
-   median norm) is the image's defective layer. The pass stops as soon as every image has one (early exit: the rest
-   of the network is never run). Images without a defective layer are skipped.
-2. *Take the loss with a gradient window* (`WindowLoss.window_loss`): run the blocks again with autograd, but each
-   image only over the `limit_layers` blocks ending at its defective layer: it enters at its own window start, from
-   its block input cached (without gradient) in step 1, and leaves at its defective layer. Blocks before an image's
-   window get no gradient from it, and blocks outside every window are not run again. At its defective layer each
-   image gives the smooth neighbourhood loss (`loss.py`), plus, optionally, a term that keeps its clean tokens where
-   the frozen base model puts them (`preserve_weight`).
+1. *Find the defective layer* of every image (`WindowLoss.find_defective_layers`): run the blocks in order, and at
+   each layer flag the patch tokens whose |cos| with that layer's defect direction is an outlier; the first layer with
+   at least `skip_less_than` flags (and, with a `norm_gap`, a flagged token at that many times the median norm) is
+   the image's defective layer. The pass stops as soon as every image has one (early exit: the rest of the network
+   is never run). Images without a defective layer are skipped. When the caller has autograd on, this pass records
+   it: only the adapter's shifts require a gradient, so the graph starts at the first adapted block.
+2. *Take the loss with a gradient window* (`WindowLoss.window_loss`): each image gives the loss at its defective layer,
+   and its gradient reaches only the `limit_layers` blocks ending there. The loss is taken on the tokens the search
+   computed, so no block runs twice; a hook on the image's input to its window's first block zeroes the image's
+   gradient there, so blocks before its window get none from it. When blocks were adapted between the two steps
+   (`SinderTrainer.adapt_window_blocks`), the search's graph lacks their new shifts; the windows are then run again
+   with autograd, each image entering at its own window start from its block input cached in step 1 and leaving at
+   its defective layer. At its defective layer each image gives the smooth neighbourhood loss (`loss.py`), plus,
+   optionally, a term that keeps its clean tokens where the frozen base model puts them (`preserve_weight`).
 
 Blocks are run through the model's `ArchitectureDescription` (`embed`, `run_block`), so this works for every family
 the registry knows, and under the caller's autocast context (bfloat16 mixed precision) when one is given.
@@ -21,7 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -62,9 +65,14 @@ class DefectSearch:
         layers: each image's defective layer (−1 for none), in batch order.
         masks: per defective image, its defect-token mask [H, W] at that layer.
         cosines: per defective image, its |cos| map [H, W] at that layer.
-        block_inputs: per block reached, the batch's input to it where a gradient window may start, else None.
+        block_inputs: per block reached, the batch's input to it where a gradient window may start (attached to the
+            graph recorded so far, if any), else None.
         block_kwargs: the extra arguments every block call of this batch takes (`EmbeddedTokens.block_kwargs`).
         grid: the patch grid (H, W).
+        window_tokens: per defective image, its patch tokens [H, W, C] at its defective layer, attached to the
+            autograd graph the search recorded (empty under `torch.no_grad` or before any adapted block).
+        adapted_blocks: the adapter's `layers_to_transform` when the search ran (None: every block), to tell
+            whether `window_tokens` still covers every trainable shift.
     """
 
     layers: list[int]
@@ -73,6 +81,8 @@ class DefectSearch:
     block_inputs: list[torch.Tensor | None]
     block_kwargs: dict[str, Any]
     grid: tuple[int, int]
+    window_tokens: dict[int, torch.Tensor]
+    adapted_blocks: tuple[int, ...] | None
 
 
 @dataclass
@@ -83,11 +93,24 @@ class BatchLoss:
         loss_sum: sum over the batch's defective images of their loss (a graph-connected tensor), or None.
         num_defective: images of the batch with a defective layer.
         defective_layers: the defective layer of each image (−1 for none), in batch order.
+        window_parameters: the trainable shifts of the blocks of the batch's gradient windows, in model order.
     """
 
     loss_sum: torch.Tensor | None
     num_defective: int
     defective_layers: list[int]
+    window_parameters: list[nn.Parameter] = field(default_factory=list)
+
+    def backward(self) -> None:
+        """Accumulate the gradient of `loss_sum` into the shifts of the gradient windows, and only those.
+
+        The search's graph may reach adapted blocks before a window (it starts at the first adapted block); limiting
+        the backward pass to `window_parameters` leaves their gradients untouched (None, so SGD's momentum does not
+        move them either) and skips the backward pass through them.
+        """
+        if self.loss_sum is None:
+            return
+        torch.autograd.backward(self.loss_sum, inputs=self.window_parameters)
 
 
 @dataclass(frozen=True)
@@ -146,8 +169,9 @@ class WindowLoss:
         return embedded.hidden, embedded.block_kwargs
 
     def find_defective_layers(self, pixel_values: torch.Tensor) -> DefectSearch:
-        """Step 1 of the module docstring: the no-grad pass that finds each image's defective layer, stopping as
-        soon as every image has one, and keeps the block inputs the gradient windows start from."""
+        """Step 1 of the module docstring: the pass that finds each image's defective layer, stopping as soon as
+        every image has one, recorded by autograd when it is on. It keeps the block inputs the gradient windows
+        start from, and each defective image's tokens at its defective layer."""
         settings = self.settings
         batch = pixel_values.shape[0]
         patch = self.description.patch_size
@@ -157,29 +181,42 @@ class WindowLoss:
         layers = [-1] * batch
         masks: dict[int, torch.Tensor] = {}
         cosines: dict[int, torch.Tensor] = {}
+        window_tokens: dict[int, torch.Tensor] = {}
         block_inputs: list[torch.Tensor | None] = []
         with torch.no_grad():
             hidden, block_kwargs = self._embed(pixel_values)
-            for index in range(len(self.blocks)):
-                block_inputs.append(hidden)
-                # Keep only the inputs a gradient window can still start from: those of the windows of images
-                # already assigned, and of windows ending at this layer or later.
-                starts = [gradient_window(layer, settings.limit_layers).start for layer in layers if layer >= 0]
-                needed_from = min([*starts, gradient_window(index, settings.limit_layers).start])
-                for stale in range(needed_from):
-                    block_inputs[stale] = None
-                hidden = self._run_block(index, hidden, block_kwargs)
+        for index in range(len(self.blocks)):
+            block_inputs.append(hidden)
+            # Keep only the inputs a gradient window can still start from: those of the windows of images
+            # already assigned, and of windows ending at this layer or later.
+            starts = [gradient_window(layer, settings.limit_layers).start for layer in layers if layer >= 0]
+            needed_from = min([*starts, gradient_window(index, settings.limit_layers).start])
+            for stale in range(needed_from):
+                block_inputs[stale] = None
+            hidden = self._run_block(index, hidden, block_kwargs)
+            with torch.no_grad():
                 grid = patch_grid(hidden, self.description, height, width)
                 layer_cosines = direction_cosines(grid, self.directions[index])
                 layer_masks = defect_token_mask(layer_cosines, settings.mask_thr, border)
                 counts = layer_masks.flatten(1).sum(dim=1).tolist()
                 gaps = self._norm_gaps(grid, layer_masks)
-                for image, count in enumerate(counts):
-                    if layers[image] < 0 and count >= settings.skip_less_than and gaps[image]:
-                        layers[image], masks[image], cosines[image] = index, layer_masks[image], layer_cosines[image]
-                if all(layer >= 0 for layer in layers):
-                    break
-        return DefectSearch(layers, masks, cosines, block_inputs, block_kwargs, (height, width))
+            for image, count in enumerate(counts):
+                if layers[image] < 0 and count >= settings.skip_less_than and gaps[image]:
+                    layers[image], masks[image], cosines[image] = index, layer_masks[image], layer_cosines[image]
+                    if hidden.requires_grad:
+                        window_tokens[image] = patch_grid(hidden, self.description, height, width)[image]
+            if all(layer >= 0 for layer in layers):
+                break
+        return DefectSearch(
+            layers, masks, cosines, block_inputs, block_kwargs, (height, width), window_tokens, self._adapted_blocks()
+        )
+
+    def _adapted_blocks(self) -> tuple[int, ...] | None:
+        """Return the blocks the active adapter covers now (None: every block)."""
+        layers = self.model.peft_config[self.model.active_adapter].layers_to_transform
+        if layers is None:
+            return None
+        return (layers,) if isinstance(layers, int) else tuple(layers)
 
     def _norm_gaps(self, grid: torch.Tensor, masks: torch.Tensor) -> list[bool]:
         """Return, per image, whether its flagged tokens pass the norm-gap test on the patch grid `grid`
@@ -193,26 +230,75 @@ class WindowLoss:
         return (flagged >= self.settings.norm_gap * norms.median(dim=1).values).tolist()
 
     def window_loss(self, pixel_values: torch.Tensor, search: DefectSearch) -> BatchLoss:
-        """Step 2 of the module docstring: the autograd pass over each defective image's gradient window, and the
-        summed loss of those images (None when the batch has none)."""
+        """Step 2 of the module docstring: the loss of every defective image over its gradient window, summed (None
+        when the batch has none). Images take their loss on the search's tokens, with their gradient stopped at
+        their window's start, unless blocks were adapted since the search; the others run their window again."""
         layers = search.layers
         defective = [image for image in range(len(layers)) if layers[image] >= 0]
         if not defective:
             return BatchLoss(loss_sum=None, num_defective=0, defective_layers=layers)
 
-        # Each image enters the autograd pass at its own window start, from the input cached above, and leaves at
-        # its defective layer; blocks outside every window are not run again at all.
         height, width = search.grid
-        starts = {image: gradient_window(layers[image], self.settings.limit_layers).start for image in defective}
-        first, last = min(starts.values()), max(layers[image] for image in defective)
         references = self._reference_tokens(pixel_values, defective, layers, height, width)
+        reused = search.window_tokens if search.adapted_blocks == self._adapted_blocks() else {}
+        losses: list[torch.Tensor] = []
+        if reused:
+            images = sorted(reused)
+            self._stop_gradients_at_window_starts(search, images)
+            tokens = torch.stack([reused[image] for image in images])
+            losses.append(self._image_losses(tokens, images, search.masks, search.cosines, references).sum())
+        rerun = [image for image in defective if image not in reused]
+        if rerun:
+            losses.append(self._rerun_windows(rerun, search, references))
+        blocks = sorted(
+            {block for image in defective for block in gradient_window(layers[image], self.settings.limit_layers)}
+        )
+        return BatchLoss(
+            loss_sum=torch.stack(losses).sum(),
+            num_defective=len(defective),
+            defective_layers=layers,
+            window_parameters=[
+                parameter
+                for block in blocks
+                for parameter in self.blocks[block].parameters()
+                if parameter.requires_grad
+            ],
+        )
+
+    def _stop_gradients_at_window_starts(self, search: DefectSearch, images: list[int]) -> None:
+        """Hook the block inputs of the search's graph so that each of `images` gets no gradient before its window:
+        its rows of the gradient at its window's first block input are zeroed. An input without a graph (before the
+        first adapted block) needs no hook."""
+        starts: dict[int, list[int]] = {}
+        for image in images:
+            start = gradient_window(search.layers[image], self.settings.limit_layers).start
+            starts.setdefault(start, []).append(image)
+        for start, starting in starts.items():
+            block_input = search.block_inputs[start]
+            if block_input is None or not block_input.requires_grad:
+                continue
+            keep = torch.ones(block_input.shape[0], device=block_input.device, dtype=block_input.dtype)
+            keep[starting] = 0
+            keep = keep.view(-1, *([1] * (block_input.ndim - 1)))
+            block_input.register_hook(lambda gradient, keep=keep: gradient * keep)
+
+    def _rerun_windows(
+        self, images: list[int], search: DefectSearch, references: dict[int, torch.Tensor]
+    ) -> torch.Tensor:
+        """Return the summed loss of `images`, each run with autograd over its gradient window only: it enters at its
+        own window start, from the input cached by the search, and leaves at its defective layer; blocks outside
+        every window are not run again at all."""
+        layers = search.layers
+        height, width = search.grid
+        starts = {image: gradient_window(layers[image], self.settings.limit_layers).start for image in images}
+        first, last = min(starts.values()), max(layers[image] for image in images)
         losses: list[torch.Tensor] = []
         active: list[int] = []
         hidden = None
         for index in range(first, last + 1):
-            entering = [image for image in defective if starts[image] == index]
+            entering = [image for image in images if starts[image] == index]
             if entering:
-                entered = search.block_inputs[index][entering]
+                entered = search.block_inputs[index][entering].detach()
                 hidden = entered if hidden is None else torch.cat([hidden, entered])
                 active += entering
             if not active:
@@ -221,12 +307,12 @@ class WindowLoss:
             finished = [position for position, image in enumerate(active) if layers[image] == index]
             if finished:
                 tokens = patch_grid(hidden[finished], self.description, height, width)
-                images = [active[position] for position in finished]
-                losses.append(self._image_losses(tokens, images, search.masks, search.cosines, references).sum())
+                done = [active[position] for position in finished]
+                losses.append(self._image_losses(tokens, done, search.masks, search.cosines, references).sum())
                 keep = [position for position, image in enumerate(active) if layers[image] != index]
                 active = [active[position] for position in keep]
                 hidden = hidden[keep] if keep else None
-        return BatchLoss(loss_sum=torch.stack(losses).sum(), num_defective=len(defective), defective_layers=layers)
+        return torch.stack(losses).sum()
 
     def _image_losses(
         self,

@@ -25,7 +25,7 @@ from sinder_peft.demo import build_demo_model, build_planted_defect_model, demo_
 from sinder_peft.loss import smooth_neighbourhood_loss
 from sinder_peft.repair import RepairArguments, repair
 from sinder_peft.trainer import SinderTrainer, TrainingArguments, build_sinder_model, compute_directions
-from sinder_peft.window import select_layers_to_transform
+from sinder_peft.window import DefectSearch, select_layers_to_transform
 
 
 def demo_batch(count: int = 3) -> torch.Tensor:
@@ -55,12 +55,21 @@ def test_select_layers_to_transform() -> None:
     assert select_layers_to_transform([-1, -1], 4, 10) == [0, 1, 2, 3]
 
 
-def test_blocks_are_adapted_when_a_gradient_window_reaches_them(tmp_path: Path) -> None:
-    """The demo's defect is at layer 2: a trainer that starts with blocks 4-5 adapted must adapt blocks 1-2 (window
-    of 2) before the autograd pass, and then train exactly what a trainer with every block adapted trains."""
+@pytest.mark.parametrize(
+    ("initial", "limit_layers", "window"),
+    [([4, 5], 2, [1, 2]), ([2, 4, 5], 3, [0, 1, 2])],
+    ids=["window-from-block-1", "window-from-block-0-partly-adapted"],
+)
+def test_blocks_are_adapted_when_a_gradient_window_reaches_them(
+    tmp_path: Path, initial: list[int], limit_layers: int, window: list[int]
+) -> None:
+    """The demo's defect is at layer 2: a trainer that starts with blocks `initial` adapted must adapt the rest of
+    the gradient window before the autograd pass, and then train exactly what a trainer with every block adapted
+    trains. In the second case the search already recorded a graph through block 2's shifts; that graph lacks the
+    shifts of blocks 0-1 adapted after it, so the window must be run again, not reused."""
     pixel_values = demo_batch(2)
-    grown = make_trainer(tmp_path / "grown", layers=[4, 5], limit_layers=2)
-    full = make_trainer(tmp_path / "full", layers=list(range(6)), limit_layers=2)
+    grown = make_trainer(tmp_path / "grown", layers=initial, limit_layers=limit_layers)
+    full = make_trainer(tmp_path / "full", layers=list(range(6)), limit_layers=limit_layers)
 
     def shifts(trainer: SinderTrainer) -> dict[str, torch.Tensor]:
         return {
@@ -75,7 +84,7 @@ def test_blocks_are_adapted_when_a_gradient_window_reaches_them(tmp_path: Path) 
         assert grown_result["loss"] == pytest.approx(full_result["loss"], rel=1e-6)
         if step == 0:
             checkpoint = grown.save_checkpoint()
-    assert grown.model.peft_config["default"].layers_to_transform == [1, 2, 4, 5]
+    assert grown.model.peft_config["default"].layers_to_transform == sorted({*initial, *window})
     grown_shifts, full_shifts = shifts(grown), shifts(full)
     assert set(grown_shifts) < set(full_shifts)
     trained_blocks = set()
@@ -83,15 +92,15 @@ def test_blocks_are_adapted_when_a_gradient_window_reaches_them(tmp_path: Path) 
         torch.testing.assert_close(value, full_shifts[name], rtol=0, atol=1e-7)
         if bool(value.abs().sum() > 0):
             trained_blocks.add(int(name.split(".layer.")[1].split(".")[0]))
-    assert trained_blocks == {1, 2}
+    assert trained_blocks == set(window)
 
     # the checkpoint taken after the growth resumes into the same second step (adapter layers and momentum)
     model = PeftModel.from_pretrained(build_demo_model(), checkpoint / "adapter", is_trainable=True)
-    assert model.peft_config["default"].layers_to_transform == [1, 2, 4, 5]
+    assert model.peft_config["default"].layers_to_transform == sorted({*initial, *window})
     resumed = SinderTrainer(
         model,
         compute_directions(build_demo_model()),
-        TrainingArguments(save_every=0, limit_layers=2),
+        TrainingArguments(save_every=0, limit_layers=limit_layers),
         Accelerator(cpu=True),
         tmp_path / "resumed",
     )
@@ -159,7 +168,7 @@ def test_loss_matches_independent_computation_and_gradient_window(tmp_path: Path
     expected = sum(smooth_neighbourhood_loss(tokens[i : i + 1], cosines[i : i + 1], mask[i : i + 1]) for i in range(2))
     assert float(output.loss_sum.detach()) == pytest.approx(float(expected), rel=1e-5)
 
-    output.loss_sum.backward()
+    output.backward()
     for name, parameter in trainer.model.named_parameters():
         if ".sinder_delta." not in name:
             continue
@@ -170,18 +179,69 @@ def test_loss_matches_independent_computation_and_gradient_window(tmp_path: Path
             assert parameter.grad is None, name
 
 
+@pytest.mark.parametrize(("limit_layers", "window"), [(10, [0, 1, 2]), (2, [1, 2])])
+def test_window_loss_reuses_the_search_pass(tmp_path: Path, limit_layers: int, window: list[int]) -> None:
+    """The search's own forward pass, recorded with autograd, gives the loss: each block up to the defect (layer 2)
+    runs once per step, and the loss and gradients equal those of the window run again from a search made without
+    autograd; with windows of 2 blocks, block 0 gets no gradient either way."""
+    trainer = make_trainer(tmp_path, layers=list(range(6)), limit_layers=limit_layers)
+    window_loss = trainer.window_loss
+    pixel_values = demo_batch(2)
+    calls = [0] * len(window_loss.blocks)
+    handles = [
+        block.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+        for index, block in enumerate(window_loss.blocks)
+    ]
+
+    def loss_and_gradients(search: DefectSearch) -> tuple[float, list[torch.Tensor | None]]:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        output = window_loss.window_loss(pixel_values, search)
+        output.backward()
+        return float(output.loss_sum.detach()), [
+            None if p.grad is None else p.grad.clone() for p in trainer.parameters
+        ]
+
+    reused_search = window_loss.find_defective_layers(pixel_values)
+    assert reused_search.layers == [2, 2] and sorted(reused_search.window_tokens) == [0, 1]
+    reused_loss, reused_gradients = loss_and_gradients(reused_search)
+    assert calls == [1, 1, 1, 0, 0, 0]
+
+    calls[:] = [0] * len(calls)
+    with torch.no_grad():
+        rerun_search = window_loss.find_defective_layers(pixel_values)
+    assert rerun_search.layers == [2, 2] and rerun_search.window_tokens == {}
+    rerun_loss, rerun_gradients = loss_and_gradients(rerun_search)
+    assert calls == [1 + (index in window) for index in range(3)] + [0, 0, 0]
+    for handle in handles:
+        handle.remove()
+
+    assert reused_loss == pytest.approx(rerun_loss, rel=1e-6)
+    names = [name for name, parameter in trainer.model.named_parameters() if parameter.requires_grad]
+    trained_blocks = set()
+    for name, reused, rerun in zip(names, reused_gradients, rerun_gradients, strict=True):
+        layer = int(name.split(".layer.")[1].split(".")[0])
+        if layer in window:
+            assert reused is not None and rerun is not None, name
+            torch.testing.assert_close(reused, rerun, rtol=1e-5, atol=1e-8)
+            if bool(reused.any()):
+                trained_blocks.add(layer)
+        else:
+            assert reused is None and rerun is None, name
+    assert trained_blocks == set(window)
+
+
 def test_batch_equals_sum_of_single_images(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, layers=[0, 1, 2, 3, 4, 5])
     pixel_values = demo_batch(3)
     batch_output = trainer.compute_loss(pixel_values)
-    batch_output.loss_sum.backward()
+    batch_output.backward()
     batch_gradients = [None if p.grad is None else p.grad.clone() for p in trainer.parameters]
     assert sum(gradient is not None for gradient in batch_gradients) == 4 * 3  # layers 0-2, 4 projections each
     trainer.optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for index in range(3):
         single = trainer.compute_loss(pixel_values[index : index + 1])
-        single.loss_sum.backward()
+        single.backward()
         total += float(single.loss_sum.detach())
     assert float(batch_output.loss_sum.detach()) == pytest.approx(total, rel=1e-5)
     for batch_gradient, parameter in zip(batch_gradients, trainer.parameters, strict=True):
@@ -197,19 +257,33 @@ def test_batch_size_three_repairs(tmp_path: Path) -> None:
     assert max(result.report["after"]["max_median_norm_ratio_last_layer"]) <= 5
 
 
-def test_non_finite_loss_skips_the_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("poisoned", ["loss", "gradient"])
+def test_non_finite_loss_skips_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, poisoned: str) -> None:
+    import sinder_peft.window as window_module
+
     trainer = make_trainer(tmp_path, layers=[0, 1, 2, 3, 4, 5])
     before = [p.detach().clone() for p in trainer.parameters]
     calls = {"count": 0}
+    real_loss = window_module.smooth_neighbourhood_loss
 
-    def poison(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    def nan_loss(*args: object, **kwargs: object) -> torch.Tensor:
         calls["count"] += 1
-        return output * float("nan") if torch.is_grad_enabled() else None
+        return real_loss(*args, **kwargs) * float("nan")
 
-    handle = trainer.window_loss.blocks[2].register_forward_hook(poison)
-    result = trainer.training_step(demo_batch(1))
-    handle.remove()
-    assert calls["count"] >= 2 and result["nonfinite"] == 1.0
+    def nan_gradient(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if output.requires_grad:
+            calls["count"] += 1
+            output.register_hook(lambda gradient: gradient * float("nan"))
+
+    if poisoned == "loss":
+        monkeypatch.setattr(window_module, "smooth_neighbourhood_loss", nan_loss)
+        result = trainer.training_step(demo_batch(1))
+        monkeypatch.undo()
+    else:
+        handle = trainer.window_loss.blocks[1].register_forward_hook(nan_gradient)
+        result = trainer.training_step(demo_batch(1))
+        handle.remove()
+    assert calls["count"] == 1 and result["nonfinite"] == 1.0
     assert trainer.state.nan_steps == 1 and trainer.state.step == 1
     for old, parameter in zip(before, trainer.parameters, strict=True):
         assert torch.equal(old, parameter) and torch.isfinite(parameter).all()
@@ -478,7 +552,7 @@ def test_images_with_different_defective_layers_in_one_batch(tmp_path: Path, mon
         calls.update(layer=0, late=late)
         trainer.optimizer.zero_grad(set_to_none=True)
         output = trainer.compute_loss(pixel_values)
-        output.loss_sum.backward()
+        output.backward()
         expected = [12 if is_late else 2 for is_late in late]
         assert output.defective_layers == expected
         return float(output.loss_sum.detach()), [

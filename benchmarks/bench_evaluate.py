@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--probe-images", type=int, default=1000)
     parser.add_argument("--probe-resolution", type=int, default=224)
     parser.add_argument("--probe-classes", type=int, default=150)
+    parser.add_argument(
+        "--parts", nargs="+", choices=("extraction", "probes"), default=["extraction", "probes"], help="what to time"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, few images (for tests)")
     parser.add_argument("--output", default="evaluate.json")
     add_threads_argument(parser)
@@ -152,10 +155,19 @@ def probes(args: argparse.Namespace, hidden_size: int) -> dict[str, Any]:
     prototypes = torch.randn(classes, hidden_size, generator=generator)
     labels = torch.randint(0, classes, (2 * count,), generator=generator)
     cls = prototypes[labels] + 2.0 * torch.randn(2 * count, hidden_size, generator=generator)
+    device = args.device
+    synchronize(device)
     start = time.perf_counter()
     accuracy = knn_top1_accuracy(
-        cls[:count], labels[:count], cls[count:], labels[count:], ks=DINOV2_KNN_KS, temperature=DINOV2_KNN_TEMPERATURE
+        cls[:count],
+        labels[:count],
+        cls[count:],
+        labels[count:],
+        ks=DINOV2_KNN_KS,
+        temperature=DINOV2_KNN_TEMPERATURE,
+        device=device,
     )
+    synchronize(device)
     knn_s = time.perf_counter() - start
 
     grid = args.probe_resolution // PATCH_SIZE
@@ -178,11 +190,14 @@ def probes(args: argparse.Namespace, hidden_size: int) -> dict[str, Any]:
         weight_decay=recipe.seg_weight_decay,
         batch_size=recipe.seg_batch_size,
         seed=recipe.seed,
+        device=device,
         show_progress=False,
     )
+    synchronize(device)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    confusion = evaluate_segmentation_probe(probe, patches[count:], masks[count:])
+    confusion = evaluate_segmentation_probe(probe, patches[count:], masks[count:], device=device)
+    synchronize(device)
     score_s = time.perf_counter() - start
     return {
         "images": count,
@@ -208,12 +223,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     apply_threads(args.threads)
     shape = get_shape(args.model_size)
-    model = random_dinov2(shape, device=args.device)
-    synchronize(args.device)
-    with tempfile.TemporaryDirectory() as directory:
-        paths = write_photos(Path(directory), args.images, tuple(args.image_size))
-        measured = extraction(args, model, paths)
-    probe_times = probes(args, shape.hidden_size)
+    measured: dict[str, Any] = {}
+    if "extraction" in args.parts:
+        model = random_dinov2(shape, device=args.device)
+        synchronize(args.device)
+        with tempfile.TemporaryDirectory() as directory:
+            paths = write_photos(Path(directory), args.images, tuple(args.image_size))
+            measured = extraction(args, model, paths)
+    probe_times = probes(args, shape.hidden_size) if "probes" in args.parts else {}
     payload = {
         "benchmark": "evaluate",
         "args": vars(args),
@@ -222,19 +239,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "extraction": measured,
         "probes": probe_times,
     }
-    print(f"## Feature extraction, {shape.name}, {args.images} images at {args.resolution} px, {args.device}\n")
-    rows = [
-        [name, entry["timing"].median_s, entry["images_per_s"], entry["throughput_vs_plain"]]
-        for name, entry in measured.items()
-    ]
-    print(format_table(["variant", "median (s)", "images/s", "throughput vs plain"], rows) + "\n")
-    print(f"## Probes on cached features, {probe_times['images']} images, {probe_times['classes']} classes\n")
-    rows = [
-        ["kNN (k = 10, 20, 100, 200)", probe_times["knn_s"]],
-        ["linear segmentation probe: train", probe_times["segmentation_train_s"]],
-        ["linear segmentation probe: score", probe_times["segmentation_score_s"]],
-    ]
-    print(format_table(["probe", "seconds"], rows) + "\n")
+    if measured:
+        print(f"## Feature extraction, {shape.name}, {args.images} images at {args.resolution} px, {args.device}\n")
+        rows = [
+            [name, entry["timing"].median_s, entry["images_per_s"], entry["throughput_vs_plain"]]
+            for name, entry in measured.items()
+        ]
+        print(format_table(["variant", "median (s)", "images/s", "throughput vs plain"], rows) + "\n")
+    if probe_times:
+        print(f"## Probes on cached features, {probe_times['images']} images, {probe_times['classes']} classes\n")
+        rows = [
+            ["kNN (k = 10, 20, 100, 200)", probe_times["knn_s"]],
+            ["linear segmentation probe: train", probe_times["segmentation_train_s"]],
+            ["linear segmentation probe: score", probe_times["segmentation_score_s"]],
+        ]
+        print(format_table(["probe", "seconds"], rows) + "\n")
     write_json(args.output, payload)
     print(f"Wrote {args.output}")
     return payload

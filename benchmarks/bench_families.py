@@ -14,6 +14,7 @@ The issue goal: the step / plain ratio of every family is no more than DINOv2's.
 Usage:
     python benchmarks/bench_families.py --threads 1 --output results/families.json
     python benchmarks/bench_families.py --quick --output /tmp/families.json
+    python benchmarks/bench_families.py --device cuda --output families_cuda.json
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ FAMILIES = ("dinov2", "dinov2_swiglu", "dinov3", "dinov3_gated", "clip_vision", 
 def plain_step(model: torch.nn.Module, pixel_values: torch.Tensor) -> Any:
     """Return a function running the backbone's forward pass (`final_tokens`: what its own forward computes, run the
     same way for every family, SigLIP 2's patchifying included) and a backward pass of the sum of its output tokens,
-    with every weight requiring a gradient."""
+    with every weight requiring a gradient (`model` and `pixel_values` on the same device)."""
     model.requires_grad_(True)
     backbone = unwrap_backbone(model)
     description = describe_model(model)
@@ -69,10 +70,17 @@ def measure(family: str, args: argparse.Namespace) -> dict[str, Any]:
             )
         training = TrainingArguments(recipe=recipe, limit_layers=args.limit_layers, save_every=0)
         functions[recipe] = step_from_zero_shifts(
-            planted.model, planted.defect_layer, training, pixel_values, Path(args.scratch) / recipe, family
+            planted.model,
+            planted.defect_layer,
+            training,
+            pixel_values.to(args.device),
+            Path(args.scratch) / recipe,
+            family,
+            device=args.device,
         )
-    functions["plain"] = plain_step(build_planted_model(family, **build).model, pixel_values)
-    timings = time_interleaved(functions, warmup=args.warmup, repeats=args.repeats)
+    plain_model = build_planted_model(family, **build).model.to(args.device)
+    functions["plain"] = plain_step(plain_model, pixel_values.to(args.device))
+    timings = time_interleaved(functions, warmup=args.warmup, repeats=args.repeats, device=args.device)
     plain = timings["plain"].median_s
     return {
         "family": family,
@@ -86,6 +94,7 @@ def measure(family: str, args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--hidden-size", type=int, default=384)
     parser.add_argument("--num-layers", type=int, default=12)
     parser.add_argument("--limit-layers", type=int, default=10)
@@ -117,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     headers = ["family", "plain (s)", "paper (s)", "preserve (s)", "paper/plain", "preserve/plain", "preserve/paper"]
     print(format_table(headers, rows))
     if args.output:
-        write_json(args.output, {"machine": machine_description(), "arguments": vars(args), "results": results})
+        write_json(
+            args.output, {"machine": machine_description(args.device), "arguments": vars(args), "results": results}
+        )
 
 
 if __name__ == "__main__":

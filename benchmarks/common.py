@@ -389,17 +389,20 @@ def step_from_zero_shifts(
     pixel_values: torch.Tensor,
     checkpoint_dir: Path,
     label: str,
+    device: torch.device | str = "cpu",
 ) -> Callable[[], None]:
     """Return a function running one `SinderTrainer.training_step` on `pixel_values`, for timing.
 
     `model` (a planted-defect model) gets the adapter of `training`'s recipe on the gradient window of its defect
-    layer, as a repair run has it. Every call starts from zero shifts and an empty optimizer state, so that each
-    timed step finds the planted defect and does the same work; a call that finds no defect raises.
+    layer, as a repair run has it, and is moved to `device` (the trainer's accelerator runs there). Every call starts
+    from zero shifts and an empty optimizer state, so that each timed step finds the planted defect and does the same
+    work; a call that finds no defect raises.
     """
     directions = compute_directions(model)
     window = list(gradient_window(defect_layer, training.limit_layers))
-    peft_model = build_sinder_model(model, window, shift=training.shift)
-    trainer = SinderTrainer(peft_model, directions, training, Accelerator(cpu=True), checkpoint_dir)
+    peft_model = build_sinder_model(model, window, shift=training.shift).to(device)
+    accelerator = Accelerator(cpu=torch.device(device).type == "cpu")
+    trainer = SinderTrainer(peft_model, directions, training, accelerator, checkpoint_dir)
 
     def run() -> None:
         with torch.no_grad():

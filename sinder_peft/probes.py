@@ -167,18 +167,24 @@ def patch_label_counts(
     if patch_size * patch_size > torch.iinfo(torch.int16).max:
         raise ValueError(f"Patches of {patch_size} pixels hold too many pixels to count in int16.")
     rows, columns = height // patch_size, width // patch_size
+    per_image = rows * columns * num_classes
+    # the bin of every pixel of an image, before its label is added: its patch's first class bin
     patch_index = torch.arange(height)[:, None] // patch_size * columns + torch.arange(width)[None, :] // patch_size
-    counts = torch.zeros(count, rows * columns * num_classes, dtype=torch.int16)
+    patch_bins = patch_index * num_classes
+    counts = torch.zeros(count, per_image, dtype=torch.int16)
     for start in range(0, count, _COUNT_CHUNK):
-        labels = masks[start : start + _COUNT_CHUNK].long()
+        labels = masks[start : start + _COUNT_CHUNK].to(torch.int64, copy=True)  # a copy: it is added to in place
+        images = labels.shape[0]
         valid = labels != ignore_index
-        if bool((labels[valid] >= num_classes).any()) or bool((labels[valid] < 0).any()):
+        if bool(((labels >= num_classes) | (labels < 0)).logical_and_(valid).any()):
             raise ValueError(f"Mask labels must be in [0, {num_classes}) or {ignore_index} (ignored).")
-        image_offset = torch.arange(labels.shape[0])[:, None, None] * (rows * columns)
-        bins = ((image_offset + patch_index) * num_classes + labels)[valid]
-        chunk = torch.bincount(bins, minlength=labels.shape[0] * rows * columns * num_classes)
-        counts[start : start + labels.shape[0]] = chunk.reshape(labels.shape[0], -1).to(torch.int16)
-    return counts.reshape(count, rows, columns, num_classes)
+        # ignored pixels go to one extra bin past the chunk's last, dropped below
+        unused_bin = images * per_image
+        bins = labels.add_(patch_bins).add_(torch.arange(images)[:, None, None] * per_image)
+        bins = bins.masked_fill_(~valid, unused_bin)
+        chunk = torch.bincount(bins.flatten(), minlength=unused_bin + 1)[:unused_bin]
+        counts[start : start + images] = chunk.view(images, per_image).to(torch.int16)
+    return counts.view(count, rows, columns, num_classes)
 
 
 @dataclass(frozen=True)
@@ -320,9 +326,13 @@ def train_linear_segmentation_probe(
         epoch_pixels = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(0, count, batch_size):
             index = order[start : start + batch_size]
-            tokens = ((features[index].to(device).float() - mean) / std).reshape(-1, channels)
+            tokens = features[index].to(device=device, dtype=torch.float32).reshape(-1, channels)
             counts = label_counts[index].to(device).reshape(-1, num_classes)
-            loss = patch_cross_entropy(tokens @ weight.T + bias, counts)
+            # the standardisation folded into the classifier, so the tokens are not rewritten every step:
+            # ((x - mean) / std) Wᵀ + b = x (W / std)ᵀ + (b - (W / std) mean)
+            scaled = weight / std
+            logits = torch.addmm(bias - scaled @ mean, tokens, scaled.T)
+            loss = patch_cross_entropy(logits, counts)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

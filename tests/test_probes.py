@@ -84,6 +84,8 @@ def test_patch_label_counts_matches_a_loop() -> None:
                 expected = [sum(1 for value in patch if value == label) for label in range(4)]
                 assert counts[image, row, column].tolist() == expected
     assert int(counts[0, 0].sum()) == 3 * 3 * 3 - 9  # the ignored pixel row is not counted
+    wide = masks.long()
+    assert torch.equal(patch_label_counts(wide, 3, 4), counts) and torch.equal(wide, masks.long())  # input untouched
     with pytest.raises(ValueError, match="Mask labels must be in"):
         patch_label_counts(torch.full((1, 3, 3), 7, dtype=torch.uint8), 3, 4)
     with pytest.raises(ValueError, match="do not tile"):
@@ -154,3 +156,52 @@ def test_trained_probe_separates_informative_features_only() -> None:
     first = train_linear_segmentation_probe(informative, patch_label_counts(masks, 4, 3), **recipe)
     second = train_linear_segmentation_probe(informative, patch_label_counts(masks, 4, 3), **recipe)
     assert torch.equal(first.weight, second.weight)
+
+
+def test_probe_training_matches_a_plain_standardise_then_classify_loop() -> None:
+    """The trainer folds the standardisation into the classifier; a loop that standardises the tokens first and
+    applies the same recipe (AdamW with decay on the weights only, cosine to 0, the same seeded shuffles, the pixel
+    cross-entropy of nearest-upsampled logits) must reach the same probe."""
+    generator = torch.Generator().manual_seed(5)
+    features = (3.0 * torch.randn(12, 3, 4, 6, generator=generator) + 5.0).to(torch.float16)
+    masks = torch.randint(0, 4, (12, 9, 12), generator=generator).to(torch.uint8)
+    masks[0, :3] = IGNORE_INDEX
+    counts = patch_label_counts(masks, 3, 4)
+    epochs, lr, weight_decay, batch_size, seed = 3, 0.05, 0.01, 5, 7
+    probe = train_linear_segmentation_probe(
+        features,
+        counts,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        seed=seed,
+        show_progress=False,
+    )
+
+    tokens = features.double().reshape(-1, 6)
+    mean, std = tokens.mean(dim=0), tokens.std(dim=0, unbiased=False)
+    torch.testing.assert_close(probe.mean.double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(probe.std.double(), std, rtol=1e-6, atol=1e-6)
+    standardised = ((features.double() - mean) / std).float()
+    weight = torch.zeros(4, 6, requires_grad=True)
+    bias = torch.zeros(4, requires_grad=True)
+    optimizer = torch.optim.AdamW(
+        [{"params": [weight], "weight_decay": weight_decay}, {"params": [bias], "weight_decay": 0.0}], lr=lr
+    )
+    steps = epochs * math.ceil(12 / batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    shuffles = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(12, generator=shuffles)
+        for start in range(0, 12, batch_size):
+            index = order[start : start + batch_size]
+            logits = standardised[index] @ weight.T + bias  # [n, h, w, K]
+            pixel_logits = nn.functional.interpolate(logits.permute(0, 3, 1, 2), size=(9, 12), mode="nearest")
+            loss = nn.functional.cross_entropy(pixel_logits, masks[index].long(), ignore_index=IGNORE_INDEX)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    torch.testing.assert_close(probe.weight, weight.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(probe.bias, bias.detach(), rtol=1e-4, atol=1e-5)

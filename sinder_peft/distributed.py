@@ -122,6 +122,23 @@ def sum_over_processes(
     return gradients_out, dict(zip(names, summed_values, strict=True))
 
 
+def blocks_needed_on_any_process(
+    accelerator: Accelerator, windows: Sequence[range], num_layers: int, error: BaseException | None
+) -> list[int]:
+    """Return the blocks that some process's gradient `windows` cover, in one collective every process must make.
+
+    The collective also carries this process's failure flag: when any process passes an `error`, that process raises
+    it and the others raise `FailedOnAnotherProcess`.
+    """
+    needed = torch.zeros(num_layers + 1, device=accelerator.device)
+    for window in windows:
+        needed[window.start : window.stop] = 1
+    needed[-1] = float(error is not None)
+    needed = accelerator.reduce(needed, reduction="sum")
+    raise_if_failed(error, int(needed[-1].item()))
+    return [index for index, count in enumerate(needed[:-1].tolist()) if count > 0]
+
+
 def next_batch_on_every_process(accelerator: Accelerator, batches: Iterator[ImageBatch]) -> ImageBatch | None:
     """Return this process's next batch of the epoch, or None when the epoch is over.
 

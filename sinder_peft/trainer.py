@@ -43,7 +43,13 @@ from .checkpoints import read_checkpoint, write_checkpoint
 from .config import SinderConfig
 from .data import UnreadableImage, UnreadableImageLog, epoch_batches
 from .defects import singular_defect_directions
-from .distributed import next_batch_on_every_process, raise_if_failed, run_on_main_process, sum_over_processes
+from .distributed import (
+    blocks_needed_on_any_process,
+    next_batch_on_every_process,
+    raise_if_failed,
+    run_on_main_process,
+    sum_over_processes,
+)
 from .interruption import InterruptionHandler
 from .trainer_state import TrainerState
 from .window import BatchLoss, WindowLoss, WindowSettings, gradient_window
@@ -234,15 +240,8 @@ class SinderTrainer:
 
         Returns the blocks newly adapted (empty almost always).
         """
-        needed = torch.zeros(self.num_layers + 1, device=self.accelerator.device)
-        for layer in defective_layers:
-            if layer >= 0:
-                window = gradient_window(layer, self.args.limit_layers)
-                needed[window.start : window.stop] = 1
-        needed[-1] = float(error is not None)
-        needed = self.accelerator.reduce(needed, reduction="sum")
-        raise_if_failed(error, int(needed[-1].item()))
-        blocks = [index for index, count in enumerate(needed[:-1].tolist()) if count > 0]
+        windows = [gradient_window(layer, self.args.limit_layers) for layer in defective_layers if layer >= 0]
+        blocks = blocks_needed_on_any_process(self.accelerator, windows, self.num_layers, error)
         added = self.model.base_model.add_layers(blocks, adapter_name=self.model.active_adapter)
         if added:
             momentum = {parameter: self.optimizer.state[parameter] for parameter in self.optimizer.state}

@@ -3,9 +3,10 @@
 1. *Find the defective layer* of every image (`WindowLoss.find_defective_layers`): run the blocks in order, and at
    each layer flag the patch tokens whose |cos| with that layer's defect direction is an outlier; the first layer with
    at least `skip_less_than` flags (and, with a `norm_gap`, a flagged token at that many times the median norm) is
-   the image's defective layer. The pass stops as soon as every image has one (early exit: the rest of the network
-   is never run). Images without a defective layer are skipped. When the caller has autograd on, this pass records
-   it: only the adapter's shifts require a gradient, so the graph starts at the first adapted block.
+   the image's defective layer. An image leaves the pass at its defective layer, and the pass stops as soon as every
+   image has one (early exit: the rest of the network is never run). Images without a defective layer are skipped.
+   When the caller has autograd on, this pass records it: only the adapter's shifts require a gradient, so the graph
+   starts at the first adapted block.
 2. *Take the loss with a gradient window* (`WindowLoss.window_loss`): each image gives the loss at its defective layer,
    and its gradient reaches only the `limit_layers` blocks ending there. The loss is taken on the tokens the search
    computed, so no block runs twice; a hook on the image's input to its window's first block zeroes the image's
@@ -65,8 +66,10 @@ class DefectSearch:
         layers: each image's defective layer (−1 for none), in batch order.
         masks: per defective image, its defect-token mask [H, W] at that layer.
         cosines: per defective image, its |cos| map [H, W] at that layer.
-        block_inputs: per block reached, the batch's input to it where a gradient window may start (attached to the
-            graph recorded so far, if any), else None.
+        block_inputs: per block reached, its input where a gradient window may start (attached to the graph
+            recorded so far, if any), else None. Its rows are the images of `block_rows` at that block.
+        block_rows: per block reached, the images (batch indices) still searched there, in row order: an image
+            leaves the search once its defective layer is found.
         block_kwargs: the extra arguments every block call of this batch takes (`EmbeddedTokens.block_kwargs`).
         grid: the patch grid (H, W).
         window_tokens: per defective image, its patch tokens [H, W, C] at its defective layer, attached to the
@@ -79,6 +82,7 @@ class DefectSearch:
     masks: dict[int, torch.Tensor]
     cosines: dict[int, torch.Tensor]
     block_inputs: list[torch.Tensor | None]
+    block_rows: list[list[int]]
     block_kwargs: dict[str, Any]
     grid: tuple[int, int]
     window_tokens: dict[int, torch.Tensor]
@@ -183,10 +187,13 @@ class WindowLoss:
         cosines: dict[int, torch.Tensor] = {}
         window_tokens: dict[int, torch.Tensor] = {}
         block_inputs: list[torch.Tensor | None] = []
+        block_rows: list[list[int]] = []
+        searched = list(range(batch))  # the images of the rows of `hidden`
         with torch.no_grad():
             hidden, block_kwargs = self._embed(pixel_values)
         for index in range(len(self.blocks)):
             block_inputs.append(hidden)
+            block_rows.append(searched)
             # Keep only the inputs a gradient window can still start from: those of the windows of images
             # already assigned, and of windows ending at this layer or later.
             starts = [gradient_window(layer, settings.limit_layers).start for layer in layers if layer >= 0]
@@ -200,15 +207,26 @@ class WindowLoss:
                 layer_masks = defect_token_mask(layer_cosines, settings.mask_thr, border)
                 counts = layer_masks.flatten(1).sum(dim=1).tolist()
                 gaps = self._norm_gaps(grid, layer_masks)
-            for image, count in enumerate(counts):
-                if layers[image] < 0 and count >= settings.skip_less_than and gaps[image]:
-                    layers[image], masks[image], cosines[image] = index, layer_masks[image], layer_cosines[image]
+            for row, image in enumerate(searched):
+                if counts[row] >= settings.skip_less_than and gaps[row]:
+                    layers[image], masks[image], cosines[image] = index, layer_masks[row], layer_cosines[row]
                     if hidden.requires_grad:
-                        window_tokens[image] = patch_grid(hidden, self.description, height, width)[image]
-            if all(layer >= 0 for layer in layers):
+                        window_tokens[image] = patch_grid(hidden, self.description, height, width)[row]
+            remaining = [row for row, image in enumerate(searched) if layers[image] < 0]
+            if not remaining:
                 break
+            if len(remaining) < len(searched):
+                hidden, searched = hidden[remaining], [searched[row] for row in remaining]
         return DefectSearch(
-            layers, masks, cosines, block_inputs, block_kwargs, (height, width), window_tokens, self._adapted_blocks()
+            layers=layers,
+            masks=masks,
+            cosines=cosines,
+            block_inputs=block_inputs,
+            block_rows=block_rows,
+            block_kwargs=block_kwargs,
+            grid=(height, width),
+            window_tokens=window_tokens,
+            adapted_blocks=self._adapted_blocks(),
         )
 
     def _adapted_blocks(self) -> tuple[int, ...] | None:
@@ -277,8 +295,9 @@ class WindowLoss:
             block_input = search.block_inputs[start]
             if block_input is None or not block_input.requires_grad:
                 continue
+            rows = search.block_rows[start]
             keep = torch.ones(block_input.shape[0], device=block_input.device, dtype=block_input.dtype)
-            keep[starting] = 0
+            keep[[rows.index(image) for image in starting]] = 0
             keep = keep.view(-1, *([1] * (block_input.ndim - 1)))
             block_input.register_hook(lambda gradient, keep=keep: gradient * keep)
 
@@ -298,7 +317,8 @@ class WindowLoss:
         for index in range(first, last + 1):
             entering = [image for image in images if starts[image] == index]
             if entering:
-                entered = search.block_inputs[index][entering].detach()
+                rows = search.block_rows[index]
+                entered = search.block_inputs[index][[rows.index(image) for image in entering]].detach()
                 hidden = entered if hidden is None else torch.cat([hidden, entered])
                 active += entering
             if not active:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -527,7 +528,9 @@ def test_repair_on_a_streamed_datasets_directory(tmp_path: Path) -> None:
 def test_images_with_different_defective_layers_in_one_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Image 0 is defective at the planted layer 2, image 1 (forced) only from layer 12 on, with windows of 3
     blocks: the batch loss and gradients equal the sum over single images, and each image's gradient reaches only
-    its own window (blocks 0-2 and 10-12), not the blocks between (3-9) or after (13)."""
+    its own window (blocks 0-2 and 10-12), not the blocks between (3-9) or after (13). Image 0 leaves the search
+    after layer 2, so blocks 3-12 run on image 1 alone; running the windows again (a search without autograd) gives
+    the same loss and gradients."""
     import sinder_peft.window as window_module
 
     planted = build_planted_defect_model(num_layers=14, defect_layer=2)
@@ -542,16 +545,27 @@ def test_images_with_different_defective_layers_in_one_batch(tmp_path: Path, mon
     def mask_with_late_images(cosines: torch.Tensor, mask_thr: float, border: int) -> torch.Tensor:
         mask = real_mask(cosines, mask_thr, border)
         if calls["layer"] < 12:
-            mask[torch.tensor(calls["late"])] = False
+            late = torch.tensor(calls["late"])
+            # the early images leave the search at their defective layer: the rows left are all late images
+            mask[late if mask.shape[0] == late.numel() else slice(None)] = False
         calls["layer"] += 1
         return mask
 
     monkeypatch.setattr(window_module, "defect_token_mask", mask_with_late_images)
+    rows = []
+    handles = [
+        block.register_forward_pre_hook(lambda module, inputs: rows.append(inputs[0].shape[0]))
+        for block in trainer.window_loss.blocks
+    ]
 
-    def loss_and_gradients(pixel_values: torch.Tensor, late: list[bool]) -> tuple[float, list[torch.Tensor | None]]:
+    def loss_and_gradients(
+        pixel_values: torch.Tensor, late: list[bool], rerun: bool = False
+    ) -> tuple[float, list[torch.Tensor | None]]:
         calls.update(layer=0, late=late)
         trainer.optimizer.zero_grad(set_to_none=True)
-        output = trainer.compute_loss(pixel_values)
+        with torch.no_grad() if rerun else contextlib.nullcontext():
+            search = trainer.window_loss.find_defective_layers(pixel_values)
+        output = trainer.window_loss.window_loss(pixel_values, search)
         output.backward()
         expected = [12 if is_late else 2 for is_late in late]
         assert output.defective_layers == expected
@@ -561,6 +575,13 @@ def test_images_with_different_defective_layers_in_one_batch(tmp_path: Path, mon
 
     pixel_values = demo_batch(2)
     batch_loss, batch_gradients = loss_and_gradients(pixel_values, [False, True])
+    assert rows == [2, 2, 2] + [1] * 10
+    rerun_loss, rerun_gradients = loss_and_gradients(pixel_values, [False, True], rerun=True)
+    for handle in handles:
+        handle.remove()
+    assert rerun_loss == pytest.approx(batch_loss, rel=1e-6)
+    for batch, rerun in zip(batch_gradients, rerun_gradients, strict=True):
+        assert (batch is None and rerun is None) or torch.allclose(batch, rerun, rtol=1e-5, atol=1e-8)
     loss_a, gradients_a = loss_and_gradients(pixel_values[:1], [False])
     loss_b, gradients_b = loss_and_gradients(pixel_values[1:], [True])
     assert batch_loss == pytest.approx(loss_a + loss_b, rel=1e-5)

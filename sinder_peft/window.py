@@ -201,8 +201,9 @@ class WindowLoss:
             for stale in range(needed_from):
                 block_inputs[stale] = None
             hidden = self._run_block(index, hidden, block_kwargs)
+            tokens = patch_grid(hidden, self.description, height, width)  # attached to the graph, if any
             with torch.no_grad():
-                grid = patch_grid(hidden, self.description, height, width)
+                grid = tokens.detach()
                 layer_cosines = direction_cosines(grid, self.directions[index])
                 layer_masks = defect_token_mask(layer_cosines, settings.mask_thr, border)
                 counts = layer_masks.flatten(1).sum(dim=1).tolist()
@@ -210,8 +211,8 @@ class WindowLoss:
             for row, image in enumerate(searched):
                 if counts[row] >= settings.skip_less_than and gaps[row]:
                     layers[image], masks[image], cosines[image] = index, layer_masks[row], layer_cosines[row]
-                    if hidden.requires_grad:
-                        window_tokens[image] = patch_grid(hidden, self.description, height, width)[row]
+                    if tokens.requires_grad:
+                        window_tokens[image] = tokens[row]
             remaining = [row for row, image in enumerate(searched) if layers[image] < 0]
             if not remaining:
                 break

@@ -320,24 +320,44 @@ def _features(
     return features
 
 
+def _split_features(
+    context: _Context,
+    model: nn.Module,
+    fingerprint: str,
+    images: dict[str, ImageSource],
+    resolution: int,
+    normalization: ImageNormalization,
+    *,
+    with_patches: bool,
+    purpose: str,
+) -> dict[str, dict[str, torch.Tensor] | None]:
+    """Return `_features` of each named split of `images` (e.g. "train", "val"), its progress bar labelled
+    "`purpose` `name`"."""
+    return {
+        name: _features(
+            context,
+            model,
+            fingerprint,
+            split,
+            resolution,
+            normalization,
+            with_patches=with_patches,
+            label=f"{purpose} {name}",
+        )
+        for name, split in images.items()
+    }
+
+
 def _knn_section(
     context: _Context, model: nn.Module, fingerprint: str, normalization: ImageNormalization
 ) -> dict[str, Any] | None:
     """Return the `knn` section of one model (main process; None elsewhere)."""
     args, data = context.args, context.knn
     assert data is not None
-    splits = {}
-    for name, split in (("train", data.train), ("val", data.val)):
-        splits[name] = _features(
-            context,
-            model,
-            fingerprint,
-            split.images,
-            args.knn_resolution,
-            normalization,
-            with_patches=False,
-            label=f"kNN {name}",
-        )
+    images = {"train": data.train.images, "val": data.val.images}
+    splits = _split_features(
+        context, model, fingerprint, images, args.knn_resolution, normalization, with_patches=False, purpose="kNN"
+    )
     if not context.is_main:
         return None
     train_valid, val_valid = splits["train"]["valid"], splits["val"]["valid"]
@@ -424,18 +444,17 @@ def _segmentation_section(
     assert data is not None
     patch_size = describe_model(model).patch_size
     train_masks, val_masks, num_classes = _masks(context, patch_size)
-    splits = {}
-    for name, split in (("train", data.train), ("val", data.val)):
-        splits[name] = _features(
-            context,
-            model,
-            fingerprint,
-            split.images,
-            args.seg_resolution,
-            normalization,
-            with_patches=True,
-            label=f"segmentation {name}",
-        )
+    images = {"train": data.train.images, "val": data.val.images}
+    splits = _split_features(
+        context,
+        model,
+        fingerprint,
+        images,
+        args.seg_resolution,
+        normalization,
+        with_patches=True,
+        purpose="segmentation",
+    )
     if not context.is_main:
         return None
     train_valid, val_valid = splits["train"]["valid"], splits["val"]["valid"]

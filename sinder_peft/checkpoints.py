@@ -1,10 +1,11 @@
 """Training checkpoints: `<output_dir>/checkpoints/step-NNNNNNN/` and the `latest` pointer.
 
 A checkpoint holds the adapter as PEFT writes it (`adapter/`, loadable by `PeftModel.from_pretrained` on its own),
-the optimizer state (`optimizer.pt`) and the `TrainerState` (`trainer_state.json`). Accelerate's `save_state` is not
-used: it saves prepared models whole and cannot write the adapter in PEFT's format, and the adapter grows during a run
-(new blocks get shifts), which its optimizer bookkeeping does not expect; the three files above are all a resume
-needs, and a run resumes exactly (tested).
+the optimizer state (`optimizer.pt`), the `TrainerState` (`trainer_state.json`) and the run's defect directions
+(`directions.safetensors`: chosen once, from the base model, and reused as they are on resume). Accelerate's
+`save_state` is not used: it saves prepared models whole and cannot write the adapter in PEFT's format, and the
+adapter grows during a run (new blocks get shifts), which its optimizer bookkeeping does not expect; the files above
+are all a resume needs, and a run resumes exactly (tested).
 
 Writing is atomic: the directory is written under a temporary name and renamed, then `latest` is replaced, so an
 interruption while saving never leaves half a checkpoint behind. Older checkpoints are removed.
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from .direction_sources import DefectDirections, save_directions
 from .trainer_state import TrainerState
 
 logger = logging.getLogger(__name__)
@@ -34,10 +36,16 @@ LATEST_CHECKPOINT_FILE = "latest"
 
 
 def write_checkpoint(
-    checkpoint_dir: Path, model: PeftModel, optimizer: torch.optim.Optimizer, state: TrainerState
+    checkpoint_dir: Path,
+    model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    *,
+    directions: DefectDirections | None = None,
 ) -> Path:
-    """Write `checkpoint_dir/step-NNNNNNN/` (NNNNNNN = `state.step`), point `latest` at it, remove older ones, and
-    return it. Call it on one process only."""
+    """Write `checkpoint_dir/step-NNNNNNN/` (NNNNNNN = `state.step`), with the defect `directions` of the run when
+    given (`direction_sources.save_directions`), point `latest` at it, remove older ones, and return it. Call it on
+    one process only."""
     checkpoint_dir = Path(checkpoint_dir)
     target = checkpoint_dir / f"step-{state.step:07d}"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -47,6 +55,8 @@ def write_checkpoint(
     model.save_pretrained(temporary / CHECKPOINT_ADAPTER_DIR)
     torch.save(optimizer.state_dict(), temporary / CHECKPOINT_OPTIMIZER_FILE)
     (temporary / CHECKPOINT_STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    if directions is not None:
+        save_directions(directions, temporary)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(temporary, target)
     pointer = checkpoint_dir / f".{LATEST_CHECKPOINT_FILE}.tmp"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,6 +34,15 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .architectures import ArchitectureDescription, BlockDescription, describe_config, unwrap_backbone
+from .direction_sources import (
+    HIGH_NORM_FACTOR,
+    MAX_DIRECTION_TOKENS,
+    DefectDirections,
+    DirectionSource,
+    LayerDirection,
+    choose_direction,
+    high_norm_token_mask,
+)
 from .layer import effective_linear_weight
 
 logger = logging.getLogger(__name__)
@@ -486,6 +495,9 @@ class DefectAnalysis:
         min_tokens: the flag count from which a layer counts as defective.
         kernel: the loss window; flags are never placed in the border ring of width kernel // 2.
         norm_threshold: the absolute norm threshold of `high_norm_share`, or None for the relative default.
+        defect_directions: where each layer's direction came from (`direction_sources.DefectDirections`).
+        weights_cosines: [B, L, H, W] |cos(token, the weights' direction of its layer)|, equal to `cosines` at the
+            layers whose direction is the weights'.
     """
 
     grid_size: tuple[int, int]
@@ -501,6 +513,8 @@ class DefectAnalysis:
     min_tokens: int
     kernel: int
     norm_threshold: float | None
+    defect_directions: DefectDirections
+    weights_cosines: torch.Tensor
 
     @property
     def num_images(self) -> int:
@@ -516,6 +530,31 @@ class DefectAnalysis:
     def defect_token_counts(self) -> torch.Tensor:
         """[B, L] number of flagged tokens per image and layer."""
         return self.masks.flatten(2).sum(dim=-1)
+
+    @property
+    def high_norm_masks(self) -> torch.Tensor:
+        """[B, L, H, W] the high-norm tokens: a norm at least `HIGH_NORM_FACTOR` times the image's median at that
+        layer (`direction_sources.high_norm_token_mask`), border included."""
+        return high_norm_token_mask(self.token_norms)
+
+    @property
+    def high_norm_counts(self) -> torch.Tensor:
+        """[B, L] number of high-norm tokens per image and layer."""
+        return self.high_norm_masks.flatten(2).sum(dim=-1)
+
+    def high_norm_weights_cosines(self) -> list[float | None]:
+        """Return, per layer, the mean |cos| between the high-norm tokens of all analysed images and the weights'
+        direction of that layer (None where there is none): how well the weights' theory explains them."""
+        masks = self.high_norm_masks
+        values: list[float | None] = []
+        for layer in range(self.num_layers):
+            selected = self.weights_cosines[:, layer][masks[:, layer]]
+            values.append(float(selected.double().mean()) if selected.numel() else None)
+        return values
+
+    def high_norm_layers(self) -> list[int]:
+        """Return the layers at which some analysed image has a high-norm token."""
+        return torch.nonzero(self.high_norm_counts.sum(dim=0) > 0).flatten().tolist()
 
     def high_norm_defects(self, norm_gap: float = DEFECT_NORM_GAP) -> torch.Tensor:
         """Return, bool [B], which images have a defect that is also a real norm outlier.
@@ -543,6 +582,7 @@ class DefectAnalysis:
         share of every layer, and the (row, column) positions of the tokens flagged at its first defective layer.
         """
         counts = self.defect_token_counts
+        high_norm_counts = self.high_norm_counts
         images = []
         for index in range(self.num_images):
             layer = int(self.first_defective_layer[index])
@@ -554,6 +594,7 @@ class DefectAnalysis:
                     "num_defect_tokens": counts[index].tolist(),
                     "max_median_norm_ratio": self.max_median_norm_ratio[index].tolist(),
                     "high_norm_share": self.high_norm_share[index].tolist(),
+                    "num_high_norm_tokens": high_norm_counts[index].tolist(),
                 }
             )
         return {
@@ -563,6 +604,9 @@ class DefectAnalysis:
             "min_tokens": self.min_tokens,
             "kernel": self.kernel,
             "norm_threshold": self.norm_threshold,
+            "high_norm_factor": HIGH_NORM_FACTOR,
+            "high_norm_weights_cosine": self.high_norm_weights_cosines(),
+            "directions": self.defect_directions.to_dict(),
             "images": images,
         }
 
@@ -606,11 +650,76 @@ def patch_grid_size(pixel_values: torch.Tensor, patch_size: int, kernel: int = 3
     return grid
 
 
+def _weights_direction_matrix(
+    backbone: nn.Module, description: ArchitectureDescription, directions: list[torch.Tensor] | torch.Tensor | None
+) -> torch.Tensor:
+    """Return the weights' directions as an [L, C] tensor: `directions` when given (checked), else computed."""
+    if directions is None:
+        directions = singular_defect_directions(backbone)
+    matrix = torch.stack(list(directions)) if not isinstance(directions, torch.Tensor) else directions
+    expected_shape = (description.num_layers, description.hidden_size)
+    if tuple(matrix.shape) != expected_shape:
+        raise ValueError(
+            f"Expected {expected_shape[0]} directions of size {expected_shape[1]}, got shape {tuple(matrix.shape)}."
+        )
+    return matrix.detach().float()
+
+
+def _layer_patch_grids(
+    backbone: nn.Module, description: ArchitectureDescription, pixel_values: torch.Tensor, height: int, width: int
+) -> Iterator[torch.Tensor]:
+    """Yield, block by block, the patch grid [B, H, W, C] (float32) of each block's output for `pixel_values`, with
+    the description's `embed` and `run_block` under `torch.no_grad()`."""
+    with torch.no_grad():
+        embedded = description.embed(backbone, pixel_values)
+        hidden = embedded.hidden
+        for block in backbone.get_submodule(description.layers):
+            hidden = description.run_block(block, hidden, embedded.block_kwargs)
+            yield patch_grid(hidden, description, height, width)
+
+
+def _high_norm_rows(patches: torch.Tensor, limit: int = MAX_DIRECTION_TOKENS) -> torch.Tensor:
+    """Return the high-norm tokens of a patch grid [B, H, W, C] as rows [n, C] (at most `limit`, the first ones)."""
+    return patches[high_norm_token_mask(patches.norm(dim=-1))][:limit]
+
+
+def estimate_defect_directions(
+    model: nn.Module,
+    images: Iterable[torch.Tensor],
+    source: DirectionSource = "auto",
+    directions: list[torch.Tensor] | torch.Tensor | None = None,
+    *,
+    min_tokens: int = 3,
+) -> DefectDirections:
+    """Return the defect direction of every layer of `model` chosen by `source` from the high-norm tokens of
+    `images` (an iterable of normalized [B, 3, H, W] batches, of any sizes that are multiples of the patch size).
+
+    The high-norm tokens of all batches are pooled per layer, and `direction_sources.choose_direction` picks each
+    layer's direction (docs/method.md §8). `directions` are the weights' directions (computed when None). Use this
+    when the analysed images do not fit one batch; `find_defect_tokens` makes the same choice inside its own pass.
+    """
+    backbone = unwrap_backbone(model)
+    description = describe_config(backbone.config)
+    weights = _weights_direction_matrix(backbone, description, directions)
+    pooled: list[list[torch.Tensor]] = [[] for _ in range(description.num_layers)]
+    for pixel_values in images:
+        height, width = patch_grid_size(pixel_values, description.patch_size)
+        for index, patches in enumerate(_layer_patch_grids(backbone, description, pixel_values, height, width)):
+            kept = sum(rows.shape[0] for rows in pooled[index])
+            pooled[index].append(_high_norm_rows(patches, MAX_DIRECTION_TOKENS - kept).cpu())
+    layers = [
+        choose_direction(torch.cat(rows), weights[index].cpu(), source, min_tokens=min_tokens)
+        for index, rows in enumerate(pooled)
+    ]
+    return DefectDirections.from_layers(layers, weights, source)
+
+
 def find_defect_tokens(
     model: nn.Module,
     pixel_values: torch.Tensor,
-    directions: list[torch.Tensor] | torch.Tensor | None = None,
+    directions: DefectDirections | list[torch.Tensor] | torch.Tensor | None = None,
     *,
+    direction_source: DirectionSource = "auto",
     mask_thr: float = 4.0,
     min_tokens: int = 3,
     kernel: int = 3,
@@ -623,15 +732,22 @@ def find_defect_tokens(
     size that is a multiple of the patch size. The model runs in its current mode: call `model.eval()` first for
     deterministic results (a DINOv3 backbone in train mode is refused, see `ArchitectureDescription.embed`).
 
+    Each layer's direction is chosen in the same pass (`direction_sources.choose_direction`, from the high-norm
+    tokens of this batch at that layer), unless `directions` is a `DefectDirections`, which is used as it is.
+
     Args:
         model: a model of a supported family in any form `unwrap_backbone` accepts.
         pixel_values: [B, 3, height, width] normalized images; height and width multiples of the patch size.
-        directions: one direction per layer; computed with `singular_defect_directions(model)` when None.
+        directions: the weights' directions, one per layer (computed with `singular_defect_directions(model)` when
+            None), or a `DefectDirections` already chosen (e.g. on a repair's selection sample).
+        direction_source: "weights", "data" or "auto" (docs/method.md §8); ignored when `directions` is a
+            `DefectDirections`.
         mask_thr: outlier threshold k of `defect_token_mask`.
-        min_tokens: a layer is defective for an image when at least this many tokens are flagged.
+        min_tokens: a layer is defective for an image when at least this many tokens are flagged; a layer needs as
+            many high-norm tokens for a data direction.
         kernel: the loss window size; tokens in the border ring of width kernel // 2 are never flagged.
-        norm_threshold: absolute norm above which a token counts as high-norm; None means 4 × the median norm of the
-            same image and layer.
+        norm_threshold: absolute norm above which a token counts in `high_norm_share`; None means 4 × the median
+            norm of the same image and layer.
 
     Returns:
         A `DefectAnalysis` with every tensor on the CPU.
@@ -641,25 +757,36 @@ def find_defect_tokens(
     backbone = unwrap_backbone(model)
     description = describe_config(backbone.config)
     height, width = patch_grid_size(pixel_values, description.patch_size, kernel)
-    if directions is None:
-        directions = singular_defect_directions(backbone)
-    direction_matrix = torch.stack(list(directions)) if not isinstance(directions, torch.Tensor) else directions
+    chosen = directions if isinstance(directions, DefectDirections) else None
+    weights = (
+        chosen.weights_directions
+        if chosen is not None
+        else _weights_direction_matrix(backbone, description, directions)
+    )
     expected_shape = (description.num_layers, description.hidden_size)
-    if tuple(direction_matrix.shape) != expected_shape:
+    if tuple(weights.shape) != expected_shape:
         raise ValueError(
-            f"Expected {expected_shape[0]} directions of size {expected_shape[1]}, got shape "
-            f"{tuple(direction_matrix.shape)}."
+            f"Expected {expected_shape[0]} directions of size {expected_shape[1]}, got shape {tuple(weights.shape)}."
         )
     batch = pixel_values.shape[0]
-    cosines, norms = [], []
-    with torch.no_grad():
-        embedded = description.embed(backbone, pixel_values)
-        hidden = embedded.hidden
-        for index, block in enumerate(backbone.get_submodule(description.layers)):
-            hidden = description.run_block(block, hidden, embedded.block_kwargs)
-            patches = patch_grid(hidden, description, height, width)
-            cosines.append(direction_cosines(patches, direction_matrix[index]).cpu())
-            norms.append(patches.norm(dim=-1).cpu())
+    cosines, weights_cosines, norms, layers = [], [], [], []
+    for index, patches in enumerate(_layer_patch_grids(backbone, description, pixel_values, height, width)):
+        if chosen is None:
+            layer = choose_direction(_high_norm_rows(patches), weights[index], direction_source, min_tokens=min_tokens)
+        else:
+            layer = LayerDirection(
+                chosen.directions[index],
+                chosen.sources[index],
+                chosen.weights_cosines[index],
+                chosen.high_norm_tokens[index],
+            )
+        layers.append(layer)
+        layer_cosines = direction_cosines(patches, layer.direction).cpu()
+        cosines.append(layer_cosines)
+        weights_cosines.append(
+            layer_cosines if layer.source == "weights" else direction_cosines(patches, weights[index]).cpu()
+        )
+        norms.append(patches.norm(dim=-1).cpu())
     cosine_tensor = torch.stack(cosines, dim=1)
     norm_tensor = torch.stack(norms, dim=1)
     masks = defect_token_mask(cosine_tensor, mask_thr=mask_thr, border=kernel // 2)
@@ -668,9 +795,10 @@ def find_defect_tokens(
     flat_norms = norm_tensor.flatten(2)
     median = flat_norms.median(dim=-1).values
     threshold = torch.full_like(median, norm_threshold) if norm_threshold is not None else 4 * median
+    defect_directions = chosen or DefectDirections.from_layers(layers, weights, direction_source)
     return DefectAnalysis(
         grid_size=(height, width),
-        directions=direction_matrix.detach().float().cpu(),
+        directions=defect_directions.directions,
         cosines=cosine_tensor,
         masks=masks,
         first_defective_layer=first_layer.long(),
@@ -682,4 +810,6 @@ def find_defect_tokens(
         min_tokens=min_tokens,
         kernel=kernel,
         norm_threshold=norm_threshold,
+        defect_directions=defect_directions,
+        weights_cosines=torch.stack(weights_cosines, dim=1),
     )

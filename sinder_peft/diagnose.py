@@ -25,7 +25,8 @@ from PIL import Image
 
 from .architectures import describe_model
 from .data import find_image_files, load_image, normalize_image, resize_and_crop
-from .defects import DefectAnalysis, find_defect_tokens, singular_defect_directions
+from .defects import DefectAnalysis, estimate_defect_directions, find_defect_tokens, singular_defect_directions
+from .direction_sources import DIRECTION_SOURCE_HELP, DIRECTION_SOURCES, HIGH_NORM_FACTOR, DirectionSource
 from .loading import DEMO_MODEL_NAME, ModelNotAvailableError, load_backbone
 from .visualize import save_diagnosis_figure, save_layer_norm_plot
 
@@ -103,7 +104,23 @@ def image_report(
         "max_median_norm_ratio": analysis.max_median_norm_ratio[0].tolist(),
         "high_norm_share": analysis.high_norm_share[0].tolist(),
         "num_defect_tokens": analysis.defect_token_counts[0].tolist(),
+        "num_high_norm_tokens": analysis.high_norm_counts[0].tolist(),
     }
+
+
+def image_headline(entry: dict[str, Any]) -> str:
+    """Return what `diagnose` says of one image's report entry: its first defective layer, or, when none, whether it
+    still has high-norm tokens (never "no defect" beside tokens at several times the median norm)."""
+    layer = entry["first_defective_layer"]
+    if layer >= 0:
+        return f"first defective layer {layer}, {len(entry['defect_tokens'])} defect tokens there"
+    high_norm_layers = [index for index, count in enumerate(entry["num_high_norm_tokens"]) if count > 0]
+    if high_norm_layers:
+        return (
+            f"no defective layer along the directions, but high-norm tokens (>= {HIGH_NORM_FACTOR:g}x the median) at "
+            f"layers {high_norm_layers[0]}-{high_norm_layers[-1]}"
+        )
+    return "no defective layer, no high-norm token"
 
 
 def diagnose(
@@ -114,6 +131,7 @@ def diagnose(
     resolution: int = DEFAULT_RESOLUTION,
     mask_thr: float = 4.0,
     min_tokens: int = 3,
+    directions: DirectionSource = "auto",
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Diagnose the singular defects of `model` on `images` and write the report and figures to `output_dir`.
@@ -125,6 +143,8 @@ def diagnose(
         resolution: short side of the images after resizing, in pixels (cropped to whole patches).
         mask_thr: outlier threshold k of the defect-token test (docs/method.md §2).
         min_tokens: flagged tokens from which a layer counts as defective.
+        directions: where each layer's defect direction comes from ("weights", "data" or "auto"), chosen once
+            from the high-norm tokens of all the images (`defects.estimate_defect_directions`).
         device: where to run the model; default CUDA when available, else CPU.
 
     Returns:
@@ -152,7 +172,9 @@ def diagnose(
         displayed.append(cropped)
         inputs.append(normalize_image(cropped, normalization)[None])
 
-    directions = singular_defect_directions(backbone)
+    weights_directions = singular_defect_directions(backbone)
+    chosen = estimate_defect_directions(backbone, inputs, directions, weights_directions, min_tokens=min_tokens)
+    logger.info("%s.", chosen.describe())
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -160,11 +182,10 @@ def diagnose(
         paths, pictures, displayed, inputs, _figure_names(paths), strict=True
     ):
         analysis = find_defect_tokens(
-            backbone, pixel_values, directions, mask_thr=mask_thr, min_tokens=min_tokens, kernel=DEFAULT_KERNEL
+            backbone, pixel_values, chosen, mask_thr=mask_thr, min_tokens=min_tokens, kernel=DEFAULT_KERNEL
         )
         entry = image_report(path, picture, pixel_values, analysis)
-        layer = entry["first_defective_layer"]
-        found = f"first defective layer {layer}" if layer >= 0 else "no defective layer"
+        found = image_headline(entry)
         ratio = entry["max_median_norm_ratio"][-1]
         save_diagnosis_figure(
             cropped,
@@ -196,9 +217,13 @@ def diagnose(
         "min_tokens": min_tokens,
         "kernel": DEFAULT_KERNEL,
         "normalization": {"mean": list(normalization.mean), "std": list(normalization.std)},
-        "direction_consecutive_abs_cos": _direction_cosines(directions),
+        "direction_consecutive_abs_cos": _direction_cosines(list(chosen.weights_directions)),
+        "directions": chosen.to_dict(),
+        "high_norm_factor": HIGH_NORM_FACTOR,
+        "high_norm_weights_cosine": list(chosen.weights_cosines),
         "num_images": len(entries),
         "num_defective_images": len(first_layers),
+        "num_images_with_high_norm_tokens": sum(1 for entry in entries if any(entry["num_high_norm_tokens"])),
         "earliest_first_defective_layer": earliest,
         "layer_plot": LAYER_PLOT_NAME,
         "images": entries,
@@ -231,6 +256,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--min-tokens", type=int, default=3, help="flagged tokens from which a layer counts as defective"
     )
+    parser.add_argument("--directions", choices=DIRECTION_SOURCES, default="auto", help=DIRECTION_SOURCE_HELP)
     parser.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
     parser.set_defaults(handler=run)
     return parser
@@ -250,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
             resolution=args.resolution,
             mask_thr=args.mask_thr,
             min_tokens=args.min_tokens,
+            directions=args.directions,
             device=args.device,
         )
     except (FileNotFoundError, ValueError, ModelNotAvailableError) as error:
@@ -258,14 +285,16 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{report['model']} ({report['model_type']}, {report['num_layers']} layers), resolution "
         f"{report['resolution']}: {report['num_defective_images']} of {report['num_images']} images have defect "
-        "tokens."
+        f"tokens, {report['num_images_with_high_norm_tokens']} have high-norm tokens."
     )
+    for entry in report["directions"]["layers"]:
+        if entry["high_norm_tokens"]:
+            print(
+                f"  layer {entry['layer']}: {entry['high_norm_tokens']} high-norm tokens, |cos| with the weights' "
+                f"direction {entry['weights_cosine']:.2f}, direction from the {entry['source']}"
+            )
     for entry in report["images"]:
-        layer = entry["first_defective_layer"]
-        if layer >= 0:
-            status = f"first defective layer {layer}, {len(entry['defect_tokens'])} defect tokens there"
-        else:
-            status = "no defective layer"
+        status = image_headline(entry)
         print(f"  {entry['path']}: {status}; last-layer max/median norm {entry['max_median_norm_ratio'][-1]:.1f}")
     print(f"Report and figures in {args.output_dir}")
     return 0

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from .data import ImageBatch
 
@@ -48,6 +49,15 @@ def raise_if_failed(error: BaseException | None, failures: int) -> None:
         raise error
     if failures > 0:
         raise FailedOnAnotherProcess(f"{failures} other process(es) of this run failed; their error is shown above.")
+
+
+def main_process_value(accelerator: Accelerator, value: _Result) -> _Result:
+    """Return the main process's `value` on every process (`accelerate.utils.broadcast_object_list`); a collective
+    every process must make. Used for what must be identical everywhere although each process computed it, such as
+    the defect directions of a repair."""
+    if accelerator.num_processes == 1:
+        return value
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def run_on_main_process(accelerator: Accelerator, function: Callable[[], _Result]) -> _Result | None:

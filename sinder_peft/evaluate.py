@@ -40,7 +40,8 @@ from transformers import HfArgumentParser
 
 from .architectures import describe_model
 from .data import resize_and_crop, spread_positions
-from .defects import singular_defect_directions
+from .defects import estimate_defect_directions, singular_defect_directions
+from .direction_sources import DIRECTION_SOURCE_HELP, DefectDirections, DirectionSource
 from .evaluation_data import (
     ClassificationData,
     ImageSource,
@@ -81,6 +82,8 @@ COMPARISON_FIGURE_NAME = "evaluation.png"
 NORM_MAPS_FIGURE_NAME = "norm_maps.png"
 CACHE_FOLDER = "cache"
 DEFECT_KERNEL = 3
+DIRECTION_SAMPLE_IMAGES = 16
+"""The defect images on which each model's directions are chosen (`--directions`), the first ones of the data."""
 
 
 @dataclass
@@ -175,6 +178,12 @@ class EvaluationArguments:
     defect_split: str = field(default="validation", metadata={"help": "split of a 🤗 --defect-data"})
     mask_thr: float = field(default=4.0, metadata={"help": "defect-token outlier threshold k (standard deviations)"})
     min_tokens: int = field(default=3, metadata={"help": "flagged tokens from which a layer counts as defective"})
+    directions: DirectionSource = field(
+        default="auto",
+        metadata={
+            "help": DIRECTION_SOURCE_HELP + f" Chosen per model on its first {DIRECTION_SAMPLE_IMAGES} defect images."
+        },
+    )
     norm_map_images: int = field(default=4, metadata={"help": "rows of norm_maps.png"})
 
     def __post_init__(self) -> None:
@@ -493,12 +502,14 @@ def _defect_section(
     assert images is not None
     patch_size = describe_model(model).patch_size
     dataset = PreparedImages(images, args.defect_resolution, patch_size, normalization)
+    directions = _defect_directions(model, dataset, args)
     key = {
         "model": fingerprint,
         "data": dataset.identity(),
         "mask_thr": args.mask_thr,
         "min_tokens": args.min_tokens,
         "kernel": DEFECT_KERNEL,
+        "directions": directions.to_dict(),
     }
     path = context.cache.path("defects", key)
     if path is not None and path.is_file():
@@ -507,7 +518,7 @@ def _defect_section(
         statistics = extract_defect_statistics(
             model,
             dataset,
-            singular_defect_directions(model),
+            directions,
             image_shape=_image_shape(args.defect_resolution, patch_size),
             batch_size=args.batch_size,
             mask_thr=args.mask_thr,
@@ -529,6 +540,9 @@ def _defect_section(
     norms = statistics["last_layer_norms"][valid]
     tokens = norms.shape[1] * norms.shape[2]
     defective = first_layers[first_layers >= 0]
+    high_norm_counts = statistics["high_norm_tokens"][valid].double()
+    cosine_sums = statistics["high_norm_weights_cosine_sum"][valid].double().sum(dim=0)
+    totals = high_norm_counts.sum(dim=0)
     section = {
         "norm_ratio": float(ratios[:, -1].mean()),
         "high_norm_share": float(statistics["high_norm_share"][valid][:, -1].double().mean() * 100),
@@ -536,10 +550,32 @@ def _defect_section(
         "images_with_defects": float((first_layers >= 0).double().mean() * 100),
         "earliest_first_defective_layer": int(defective.min()) if defective.numel() else None,
         "per_layer_norm_ratio": ratios.mean(dim=0).tolist(),
+        "images_with_high_norm_tokens": float((high_norm_counts.sum(dim=1) > 0).double().mean() * 100),
+        "per_layer_high_norm_tokens": (totals / len(norms)).tolist(),
+        "per_layer_high_norm_weights_cosine": [
+            float(total_cosine / count) if count > 0 else None
+            for total_cosine, count in zip(cosine_sums.tolist(), totals.tolist(), strict=True)
+        ],
+        "directions": directions.to_dict(),
         "num_images": len(norms),
         "resolution": args.defect_resolution,
     }
     return section, list(norms[: args.norm_map_images])
+
+
+def _defect_directions(model: nn.Module, dataset: PreparedImages, args: EvaluationArguments) -> DefectDirections:
+    """Return `model`'s defect directions chosen by `args.directions` on the first `DIRECTION_SAMPLE_IMAGES`
+    readable images of `dataset` (every process computes the same, from the same images)."""
+    parameter = next(model.parameters())
+    items = (dataset[index] for index in range(min(len(dataset), DIRECTION_SAMPLE_IMAGES)))
+    batches = (
+        item["pixel_values"][None].to(device=parameter.device, dtype=parameter.dtype)
+        for item in items
+        if item is not None
+    )
+    return estimate_defect_directions(
+        model, batches, args.directions, singular_defect_directions(model), min_tokens=args.min_tokens
+    )
 
 
 def _evaluate_model(
@@ -584,7 +620,13 @@ def evaluation_table(results: dict[str, Any]) -> str:
     if any("segmentation" in entry for entry in entries):
         columns += ["mIoU (%)", "pixel accuracy (%)"]
     if any("defects" in entry for entry in entries):
-        columns += ["max/median norm", "high-norm tokens (%)", "defect tokens (%)", "images with defects (%)"]
+        columns += [
+            "max/median norm",
+            "high-norm tokens (%)",
+            "images with high-norm tokens (%)",
+            "defect tokens (%)",
+            "images with defects (%)",
+        ]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for entry in entries:
         row = [f"`{entry['model']}`"]
@@ -598,6 +640,7 @@ def evaluation_table(results: dict[str, Any]) -> str:
             row += [
                 _format(defects.get("norm_ratio"), 2),
                 _format(defects.get("high_norm_share"), 2),
+                _format(defects.get("images_with_high_norm_tokens")),
                 _format(defects.get("defect_token_share"), 2),
                 _format(defects.get("images_with_defects")),
             ]

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .architectures import describe_model, unwrap_backbone
 from .defects import find_defect_tokens
+from .direction_sources import DefectDirections
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ def extract_features(
 def extract_defect_statistics(
     model: nn.Module,
     dataset: Dataset,
-    directions: Sequence[torch.Tensor],
+    directions: DefectDirections | Sequence[torch.Tensor],
     *,
     image_shape: tuple[int, int, int],
     batch_size: int,
@@ -272,8 +273,9 @@ def extract_defect_statistics(
     Returns:
         On the main process: `max_median_norm_ratio` [N, L], `high_norm_share` [N, L], `first_defective_layer`
         [N] (−1: none), `defect_tokens` [N] (tokens flagged at the image's first defective layer, 0 when none),
-        `last_layer_norms` [N, h, w] (token norms of the last block, for norm maps) and `valid` [N]. None on the
-        other processes.
+        `last_layer_norms` [N, h, w] (token norms of the last block, for norm maps), `high_norm_tokens` [N, L] (the
+        high-norm tokens per layer), `high_norm_weights_cosine_sum` [N, L] (the sum of their |cos| with the weights'
+        direction) and `valid` [N]. None on the other processes. `directions` are used as they are.
     """
     parameter = next(model.parameters())
 
@@ -281,7 +283,7 @@ def extract_defect_statistics(
         analysis = find_defect_tokens(
             model,
             pixel_values.to(device=parameter.device, dtype=parameter.dtype),
-            list(directions),
+            directions if isinstance(directions, DefectDirections) else list(directions),
             mask_thr=mask_thr,
             min_tokens=min_tokens,
             kernel=kernel,
@@ -294,6 +296,10 @@ def extract_defect_statistics(
             "first_defective_layer": layer,
             "defect_tokens": torch.where(layer >= 0, flagged, torch.zeros_like(flagged)),
             "last_layer_norms": analysis.token_norms[:, -1],
+            "high_norm_tokens": analysis.high_norm_counts,
+            "high_norm_weights_cosine_sum": (analysis.weights_cosines * analysis.high_norm_masks)
+            .flatten(2)
+            .sum(dim=-1),
         }
 
     return map_batches(

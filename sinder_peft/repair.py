@@ -9,6 +9,10 @@ Loads a ViT (any supported family) and images, measures its defects, adapts the 
     figures/      before/after norm and PCA maps, per-layer norm plots
     checkpoints/  the last training checkpoint (for --resume)
 
+When nothing needs repair (`nothing_to_repair`: the selection sample has neither a high-norm token nor a defect, or
+training took no step because the data showed no defect), no model that differs from the input is written: there is
+no `model/` and no `adapter/`, and report.json and the summary say so.
+
 Every input is checked before anything is written: a bad model, an empty or unreadable data folder or too-small
 images fail with a clear message and leave no output directory behind.
 """
@@ -25,7 +29,6 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from accelerate import Accelerator
 from peft import PeftModel
 from torch import nn
@@ -44,12 +47,13 @@ from .data import (
     selection_sample,
 )
 from .defects import DEFECT_NORM_GAP, DefectAnalysis, find_defect_tokens
-from .distributed import FailedOnAnotherProcess, run_on_every_process, run_on_main_process
+from .direction_sources import DefectDirections, load_directions
+from .distributed import FailedOnAnotherProcess, main_process_value, run_on_every_process, run_on_main_process
 from .evaluate import EvaluationArguments, check_evaluation_data, evaluate_models
 from .loading import DEMO_MODEL_NAME, ImageNormalization, load_backbone, load_model_image_processor_config
 from .preservation import OutputFeatures, clean_token_cosine, clean_token_mask, output_features, pooled_cosine
 from .processor import save_image_processor
-from .trainer import SinderTrainer, TrainingArguments, build_sinder_model, compute_directions
+from .trainer import SinderTrainer, TrainingArguments, build_sinder_model, capped_stop_window, compute_directions
 from .trainer_state import TrainerState
 from .window import select_layers_to_transform
 
@@ -160,7 +164,10 @@ def _analysis_summary(analysis: DefectAnalysis) -> dict[str, Any]:
 
     `images_with_defects` counts the images with a defect that is a real norm outlier (`high_norm_defects`: a
     flagged token at 4x its image's median norm or more); `images_with_cosine_outliers` those with a defective layer
-    by the cosine test alone, which a flat, repaired model can still show by chance.
+    by the cosine test alone, which a flat, repaired model can still show by chance. `images_with_high_norm_tokens`
+    counts the images with a high-norm token (4x the median norm) at any layer, whether or not a direction explains
+    it; `high_norm_tokens_per_layer` and `high_norm_weights_cosine` (the mean |cos| of those tokens with the
+    weights' direction, None where there is none) give them per layer.
     """
     last = analysis.num_layers - 1
     tokens = analysis.grid_size[0] * analysis.grid_size[1]
@@ -169,6 +176,7 @@ def _analysis_summary(analysis: DefectAnalysis) -> dict[str, Any]:
         for image, layer in enumerate(analysis.first_defective_layer.tolist())
     ]
     ratios = analysis.max_median_norm_ratio[:, last]
+    high_norm_counts = analysis.high_norm_counts
     return {
         "max_median_norm_ratio_last_layer": ratios.tolist(),
         "mean_max_median_norm_ratio_last_layer": float(ratios.mean()),
@@ -177,7 +185,18 @@ def _analysis_summary(analysis: DefectAnalysis) -> dict[str, Any]:
         "first_defective_layer": analysis.first_defective_layer.tolist(),
         "images_with_defects": int(analysis.high_norm_defects(DEFECT_NORM_GAP).sum()),
         "images_with_cosine_outliers": int((analysis.first_defective_layer >= 0).sum()),
+        "images_with_high_norm_tokens": int((high_norm_counts.sum(dim=1) > 0).sum()),
+        "high_norm_tokens_per_layer": high_norm_counts.sum(dim=0).tolist(),
+        "high_norm_weights_cosine": analysis.high_norm_weights_cosines(),
     }
+
+
+def nothing_to_repair(analysis: DefectAnalysis) -> bool:
+    """Return whether the analysis of a selection sample shows nothing to repair: no image has a high-norm token
+    (`direction_sources.HIGH_NORM_FACTOR` times its median norm) at any layer, and none has a defect whose flagged
+    tokens reach `DEFECT_NORM_GAP` times the median norm. Cosine outliers among tokens of ordinary norm, which every
+    image shows by chance, are not defects to repair."""
+    return not analysis.high_norm_layers() and not bool(analysis.high_norm_defects(DEFECT_NORM_GAP).any())
 
 
 def _check_output_dir(args: RepairArguments) -> Path:
@@ -227,14 +246,15 @@ def training_resolution(resolution: int, patch_size: int) -> int:
 
 @dataclass
 class _Setup:
-    """What every process prepares before training (see `repair`)."""
+    """What every process prepares before training (see `repair`); `model` is None when there is nothing to repair
+    (`nothing_to_repair`), which builds no adapter."""
 
-    model: PeftModel
+    model: PeftModel | None
     normalization: ImageNormalization
     processor_config: dict[str, Any] | None
     dataset: Dataset | IterableDataset
     resolution: int
-    directions: list[torch.Tensor]
+    directions: DefectDirections
     selection: ImageBatch
     before: DefectAnalysis
     before_features: OutputFeatures
@@ -269,32 +289,45 @@ def _prepare(args: RepairArguments, training: TrainingArguments, accelerator: Ac
     log = UnreadableImageLog() if accelerator.is_main_process else None
     selection = selection_sample(dataset, max(args.selection_images, args.report_images), log)
     sample = selection.pixel_values.to(accelerator.device)
-    directions = compute_directions(base_model)
+    # The directions are chosen once, from the base model, in the same pass that measures the sample's defects; a
+    # resume reuses the checkpoint's; every process takes the main process's, so that all train the same way.
+    saved = load_directions(checkpoint) if checkpoint is not None else None
     before = find_defect_tokens(
         base_model,
         sample,
-        directions,
+        saved if saved is not None else compute_directions(base_model),
+        direction_source=training.directions,
         mask_thr=training.mask_thr,
         min_tokens=training.skip_less_than,
         kernel=training.kernel,
     )
+    directions = main_process_value(accelerator, before.defect_directions)
     before_features = output_features(base_model, sample[: args.report_images])
+    model: PeftModel | None = None
     if checkpoint is not None:
         model = PeftModel.from_pretrained(base_model, checkpoint / CHECKPOINT_ADAPTER_DIR, is_trainable=True)
+    elif nothing_to_repair(before):
+        logger.info(
+            "%s. Nothing to repair: the %d selection images have no high-norm token and no defect.",
+            directions.describe(),
+            len(selection.paths),
+        )
     else:
         layers = select_layers_to_transform(
             before.first_defective_layer.tolist(), description.num_layers, training.limit_layers
         )
         model = build_sinder_model(base_model, layers, shift=training.shift)
-    found = sorted({layer for layer in before.first_defective_layer.tolist() if layer >= 0})
-    logger.info(
-        "First defective layers on %d sample images spread over the data: %s; adapting blocks %s (of %d; more if "
-        "training finds defects elsewhere).",
-        len(selection.paths),
-        found or "none",
-        model.peft_config["default"].layers_to_transform,
-        description.num_layers,
-    )
+    if model is not None:
+        found = sorted({layer for layer in before.first_defective_layer.tolist() if layer >= 0})
+        logger.info("%s.", directions.describe())
+        logger.info(
+            "First defective layers on %d sample images spread over the data: %s; adapting blocks %s (of %d; more "
+            "if training finds defects elsewhere).",
+            len(selection.paths),
+            found or "none",
+            model.peft_config["default"].layers_to_transform,
+            description.num_layers,
+        )
     return _Setup(
         model=model,
         normalization=normalization,
@@ -348,28 +381,31 @@ def repair(
     try:
         setup = run_on_every_process(accelerator, lambda: _prepare(args, training, accelerator, requested_resolution))
         model = setup.model
-        if args.report_to:
-            accelerator.init_trackers(
-                "sinder-repair",
-                config={
-                    **asdict(training),
-                    "model": args.model,
-                    "layers": str(model.peft_config["default"].layers_to_transform),
-                },
+        if model is None:
+            state = TrainerState(stop_reason="nothing_to_repair")
+        else:
+            if args.report_to:
+                accelerator.init_trackers(
+                    "sinder-repair",
+                    config={
+                        **asdict(training),
+                        "model": args.model,
+                        "layers": str(model.peft_config["default"].layers_to_transform),
+                    },
+                )
+            trainer = SinderTrainer(
+                model,
+                setup.directions,
+                training,
+                accelerator,
+                output_dir / "checkpoints",
+                callbacks=callbacks,
+                unreadable=[image.name for image in setup.selection.unreadable],
             )
-        trainer = SinderTrainer(
-            model,
-            setup.directions,
-            training,
-            accelerator,
-            output_dir / "checkpoints",
-            callbacks=callbacks,
-            unreadable=[image.name for image in setup.selection.unreadable],
-        )
-        if setup.checkpoint is not None:
-            trainer.load_checkpoint(setup.checkpoint)
-            logger.info("Resuming from %s at step %d.", setup.checkpoint, trainer.state.step)
-        state = trainer.train(setup.dataset)
+            if setup.checkpoint is not None:
+                trainer.load_checkpoint(setup.checkpoint)
+                logger.info("Resuming from %s at step %d.", setup.checkpoint, trainer.state.step)
+            state = trainer.train(setup.dataset)
         report: dict[str, Any] = {}
         if state.stop_reason != "interrupted":
             exported = run_on_main_process(
@@ -411,31 +447,41 @@ def _export(
     processes: int,
     requested_resolution: int,
 ) -> dict[str, Any]:
-    """Write adapter/, model/ (merged, with its image processor and card), report.json and figures/; push when
-    asked. Returns the report."""
+    """Write adapter/, model/ (merged, with its image processor and card), report.json and figures/; evaluate and
+    push when asked. Returns the report.
+
+    A run that took no step repaired nothing: it writes neither adapter/ nor model/ (the input is the result), does
+    not evaluate or push, and its report says `"repaired": false`.
+    """
     from .data import denormalize_image
     from .hub import RepairCard, push_folder_to_hub, write_model_card
-    from .visualize import save_before_after_figure, save_layer_norm_plot
+    from .visualize import save_before_after_figure, save_diagnosis_figure, save_layer_norm_plot
 
     model = setup.model
-    layers = list(model.peft_config["default"].layers_to_transform)  # with the blocks adapted during training
+    repaired = model is not None and state.step > 0
+    # with the blocks adapted during training
+    layers = list(model.peft_config["default"].layers_to_transform) if repaired else []
     report_count = min(args.report_images, len(setup.selection.paths))
     report_paths = setup.selection.paths[:report_count]
     resolution = setup.resolution
-    _write_directory(output_dir / "adapter", model.save_pretrained)
-    merged = model.merge_and_unload().eval()
-    report_pixels = setup.selection.pixel_values[:report_count].to(next(merged.parameters()).device)
-    after_directions = compute_directions(merged)
-    after = find_defect_tokens(
-        merged,
-        report_pixels,
-        after_directions,
-        mask_thr=training.mask_thr,
-        min_tokens=training.skip_less_than,
-        kernel=training.kernel,
-    )
     before_report = _subset(setup.before, report_count)
-    after_features = output_features(merged, report_pixels)
+    report_pixels = setup.selection.pixel_values[:report_count]
+    merged: nn.Module | None = None
+    after, after_features = before_report, setup.before_features
+    if repaired:
+        _write_directory(output_dir / "adapter", model.save_pretrained)
+        merged = model.merge_and_unload().eval()
+        report_pixels = report_pixels.to(next(merged.parameters()).device)
+        after = find_defect_tokens(
+            merged,
+            report_pixels,
+            compute_directions(merged),
+            direction_source=training.directions,
+            mask_thr=training.mask_thr,
+            min_tokens=training.skip_less_than,
+            kernel=training.kernel,
+        )
+        after_features = output_features(merged, report_pixels)
     clean = clean_token_mask(before_report.token_norms[:, -1])
     selection_images: list[str] | list[int] = (
         setup.selection.paths if isinstance(setup.dataset, ImageFileDataset) else setup.selection.indices
@@ -443,14 +489,17 @@ def _export(
     report = {
         "model": args.model,
         "data": args.data or "bundled demo images",
+        "repaired": repaired,
         "resolution": resolution,
         "requested_resolution": requested_resolution,
         "layers_adapted": layers,
         "training": {
             **asdict(training),
-            "stop_window": training.resolved_stop_window,
+            "lr": training.resolved_lr,
+            "stop_window": capped_stop_window(training.resolved_stop_window, setup.dataset),
             "norm_gap": training.resolved_norm_gap,
         },
+        "directions": setup.directions.to_dict(),
         "processes": processes,
         "steps": state.step,
         "images_seen": state.images_seen,
@@ -471,6 +520,7 @@ def _export(
     }
 
     def write_model(directory: Path) -> None:
+        assert merged is not None
         merged.save_pretrained(directory)
         save_image_processor(directory, setup.processor_config, setup.normalization, resolution)
         write_model_card(
@@ -481,7 +531,7 @@ def _export(
                 steps=state.step,
                 images_seen=state.images_seen,
                 images_skipped=state.images_skipped,
-                learning_rate=training.lr,
+                learning_rate=training.resolved_lr,
                 momentum=training.momentum,
                 resolution=resolution,
                 layers=layers,
@@ -495,35 +545,52 @@ def _export(
             ),
         )
 
-    _write_directory(output_dir / "model", write_model)
+    if repaired:
+        _write_directory(output_dir / "model", write_model)
 
     def write_figures(directory: Path) -> None:
         directory.mkdir(parents=True)
         for index, path in enumerate(report_paths):
-            save_before_after_figure(
-                denormalize_image(report_pixels[index].cpu(), setup.normalization),
-                before_report.token_norms[index, -1],
-                before_report.last_patch_features[index],
-                after.token_norms[index, -1],
-                after.last_patch_features[index],
-                directory / f"before_after_{index}_{_file_stem(path)}.png",
-                title=f"{Path(path).name}: last-layer token norms and features",
-            )
+            picture = denormalize_image(report_pixels[index].cpu(), setup.normalization)
+            title = f"{Path(path).name}: last-layer token norms and features"
+            if repaired:
+                save_before_after_figure(
+                    picture,
+                    before_report.token_norms[index, -1],
+                    before_report.last_patch_features[index],
+                    after.token_norms[index, -1],
+                    after.last_patch_features[index],
+                    directory / f"before_after_{index}_{_file_stem(path)}.png",
+                    title=title,
+                )
+            else:
+                save_diagnosis_figure(
+                    picture,
+                    before_report.token_norms[index, -1],
+                    before_report.last_patch_features[index],
+                    directory / f"diagnosis_{index}_{_file_stem(path)}.png",
+                    title=f"{title} (nothing to repair)",
+                )
         save_layer_norm_plot(
             before_report.max_median_norm_ratio.tolist(),
             _first_layer(before_report),
             directory / "layer_norms_before.png",
         )
-        save_layer_norm_plot(
-            after.max_median_norm_ratio.tolist(), _first_layer(after), directory / "layer_norms_after.png"
-        )
+        if repaired:
+            save_layer_norm_plot(
+                after.max_median_norm_ratio.tolist(), _first_layer(after), directory / "layer_norms_after.png"
+            )
 
     _write_directory(output_dir / "figures", write_figures)
     evaluation = _evaluation_settings(args, output_dir)
-    if evaluation is not None:
+    if evaluation is not None and merged is not None:
         report["evaluation"] = _evaluate_original_and_repaired(args, evaluation, merged, setup.normalization)
+    elif evaluation is not None:
+        logger.warning("Nothing was repaired: the --evaluate-* evaluation is skipped (the input is the result).")
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
-    if args.push_to_hub:
+    if args.push_to_hub and not repaired:
+        logger.warning("Nothing was repaired: nothing is pushed to %s.", args.push_to_hub)
+    elif args.push_to_hub:
         hub = {"token": args.hub_token, "endpoint": args.hub_endpoint}
         report["pushed_to"] = push_folder_to_hub(output_dir / "model", args.push_to_hub, **hub)
         if args.push_adapter:
@@ -569,6 +636,7 @@ def _subset(analysis: DefectAnalysis, count: int) -> DefectAnalysis:
         "max_median_norm_ratio",
         "high_norm_share",
         "last_patch_features",
+        "weights_cosines",
     )
     values = {name.name: getattr(analysis, name.name) for name in fields(analysis)}
     values.update({name: values[name][:count] for name in per_image})
@@ -617,6 +685,61 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+def _high_norm_line(summary: dict[str, Any]) -> str:
+    """Return where an analysis summary has high-norm tokens: "none", or the layers with the weights' |cos|."""
+    layers = [layer for layer, count in enumerate(summary["high_norm_tokens_per_layer"]) if count > 0]
+    if not layers:
+        return "none"
+    cosines = summary["high_norm_weights_cosine"]
+    explained = min(cosines[layer] for layer in layers)
+    return (
+        f"{summary['images_with_high_norm_tokens']} of {len(summary['first_defective_layer'])} images, layers "
+        f"{layers[0]}-{layers[-1]} (lowest |cos| with the weights' direction {explained:.2f})"
+    )
+
+
+def summary_text(report: dict[str, Any], output_dir: Path) -> str:
+    """Return the summary `sinder repair` prints for a report: the before/after numbers, or, when nothing was
+    repaired, why, and that no model was written."""
+    before, after = report["before"], report["after"]
+    data_layers = [entry["layer"] for entry in report["directions"]["layers"] if entry["source"] == "data"]
+    directions = f"from the data at layers {data_layers}" if data_layers else "the weights' at every layer"
+    if not report["repaired"]:
+        if before["images_with_high_norm_tokens"]:
+            return (
+                f"No defect found along the directions in the {report['images_seen']} images checked, but "
+                f"high-norm tokens are present: {_high_norm_line(before)}.\n"
+                f"  directions: {directions}. A low |cos| means the weights' direction does not explain them: "
+                "--directions auto (the default) or data takes it from them.\n"
+                f"No model written: the input is unchanged. Report in {output_dir / 'report.json'}"
+            )
+        reason = (
+            f"the {len(report['selection_images'])} selection images have no high-norm token and no defect"
+            if report["stop_reason"] == "nothing_to_repair"
+            else f"no defect in the {report['images_seen']} images checked (stop window "
+            f"{report['training']['stop_window']})"
+        )
+        return (
+            f"Nothing needed repair: {reason}.\n"
+            f"  high-norm tokens (>= 4x the median norm): none\n"
+            f"No model written: the input is the result. Report in {output_dir / 'report.json'}"
+        )
+    return (
+        f"Repaired in {report['steps']} steps ({report['images_seen']} images, {report['images_skipped']} without "
+        f"defect, {report['seconds']:.0f} s; stopped by {report['stop_reason']}).\n"
+        f"  max/median token norm, last layer: {before['mean_max_median_norm_ratio_last_layer']:.1f} -> "
+        f"{after['mean_max_median_norm_ratio_last_layer']:.1f}\n"
+        f"  images with a high-norm defect: {before['images_with_defects']} -> {after['images_with_defects']} "
+        f"(of {len(before['first_defective_layer'])})\n"
+        f"  images with high-norm tokens: {before['images_with_high_norm_tokens']} -> "
+        f"{after['images_with_high_norm_tokens']}; after: {_high_norm_line(after)}\n"
+        f"  directions: {directions}\n"
+        f"  mean cosine to the original: clean tokens {report['clean_token_cosine']:.3f}, CLS "
+        f"{report['cls_cosine']:.3f}\n"
+        f"Outputs in {output_dir}: model/ (AutoModel.from_pretrained), adapter/, report.json, figures/"
+    )
+
+
 def run(namespace: argparse.Namespace) -> int:
     """Run a repair from parsed flags and print where the outputs are and the before/after numbers.
 
@@ -649,18 +772,7 @@ def run(namespace: argparse.Namespace) -> int:
         )
         return 130
     if result.report:
-        before, after = result.report["before"], result.report["after"]
-        print(
-            f"Repaired in {state.step} steps ({state.images_seen} images, {state.images_skipped} without defect, "
-            f"{result.report['seconds']:.0f} s; stopped by {state.stop_reason}).\n"
-            f"  max/median token norm, last layer: {before['mean_max_median_norm_ratio_last_layer']:.1f} -> "
-            f"{after['mean_max_median_norm_ratio_last_layer']:.1f}\n"
-            f"  images with a high-norm defect: {before['images_with_defects']} -> {after['images_with_defects']} "
-            f"(of {len(before['first_defective_layer'])})\n"
-            f"  mean cosine to the original: clean tokens {result.report['clean_token_cosine']:.3f}, CLS "
-            f"{result.report['cls_cosine']:.3f}\n"
-            f"Outputs in {result.output_dir}: model/ (AutoModel.from_pretrained), adapter/, report.json, figures/"
-        )
+        print(summary_text(result.report, result.output_dir))
     return 0
 
 

@@ -43,6 +43,7 @@ from .checkpoints import read_checkpoint, write_checkpoint
 from .config import SinderConfig
 from .data import UnreadableImage, UnreadableImageLog, epoch_batches
 from .defects import singular_defect_directions
+from .direction_sources import DIRECTION_SOURCE_HELP, DIRECTION_SOURCES, DefectDirections, DirectionSource
 from .distributed import (
     blocks_needed_on_any_process,
     next_batch_on_every_process,
@@ -57,6 +58,12 @@ from .window import BatchLoss, WindowLoss, WindowSettings, gradient_window
 logger = logging.getLogger(__name__)
 
 DEFAULT_STOP_WINDOW = 1000
+PAPER_LR = 0.005
+"""The paper's learning rate (SGD, momentum 0.9)."""
+PRESERVE_LR = 0.001
+"""The `preserve` recipe's learning rate: at the paper's 0.005 one step of log-scale shifts can overshoot on a model
+whose defect comes from a sparse unit (clean-token cosine 0.92 to the model without the unit, 0.997 at 0.001), and at
+0.001 every planted model of docs/method.md §7-8 is still repaired in a few steps."""
 PRESERVE_NORM_GAP = 2.0
 """The `preserve` recipe's norm gap: once the defect tokens are gone, a 4-sigma cosine outlier of a flat image is no
 longer a defect, so training stops instead of reshaping clean tokens (docs/method.md §7)."""
@@ -64,18 +71,29 @@ longer a defect, so training stops instead of reshaping clean tokens (docs/metho
 
 @dataclass
 class TrainingArguments:
-    """Hyperparameters of the repair loop; defaults are the paper's (docs/method.md §4). Each field is also a
+    """Hyperparameters of the repair loop; defaults are the `preserve` recipe's, `recipe="paper"` gives the paper's
+    (docs/method.md §4, §7). Each field is also a
     command-line flag of `sinder repair` (`transformers.HfArgumentParser` builds them from the fields)."""
 
     recipe: Literal["paper", "preserve"] = field(
-        default="paper",
+        default="preserve",
         metadata={
-            "help": "paper: the paper's additive singular-value shifts; preserve: log-scale shifts S * exp(delta) and "
-            "a norm gap in the defect test, which remove the defect without moving clean tokens on models the "
-            "paper's recipe distorts (docs/method.md §7)."
+            "help": "preserve (the default): log-scale shifts S * exp(delta), a norm gap in the defect test and lr "
+            f"{PRESERVE_LR}, which remove the defect without moving clean tokens where the paper's recipe moves them "
+            "(randomly initialised and trained models, sparse-unit defects; docs/method.md §7-8); paper: the "
+            f"paper's exact recipe, additive singular-value shifts at lr {PAPER_LR}."
         },
     )
-    lr: float = field(default=0.005, metadata={"help": "SGD learning rate."})
+    directions: DirectionSource = field(
+        default="auto",
+        metadata={"help": DIRECTION_SOURCE_HELP + " Chosen once, on the selection images of the base model."},
+    )
+    lr: float | None = field(
+        default=None,
+        metadata={
+            "help": f"SGD learning rate (default: the recipe's, {PRESERVE_LR} for preserve, {PAPER_LR} for paper)."
+        },
+    )
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     max_steps: int = field(
         default=30_000, metadata={"help": "Stop after this many optimizer steps (batches with a defective image)."}
@@ -121,7 +139,8 @@ class TrainingArguments:
     def __post_init__(self) -> None:
         checks = {
             "recipe": self.recipe in ("paper", "preserve"),
-            "lr": self.lr > 0,
+            "directions": self.directions in DIRECTION_SOURCES,
+            "lr": self.lr is None or self.lr > 0,
             "momentum": 0 <= self.momentum < 1,
             "max_steps": self.max_steps >= 1,
             "mask_thr": self.mask_thr > 0,
@@ -167,6 +186,13 @@ class TrainingArguments:
         return PRESERVE_NORM_GAP if self.recipe == "preserve" else None
 
     @property
+    def resolved_lr(self) -> float:
+        """`lr`, or the recipe's: `PAPER_LR` for `paper`, `PRESERVE_LR` for `preserve`."""
+        if self.lr is not None:
+            return self.lr
+        return PRESERVE_LR if self.recipe == "preserve" else PAPER_LR
+
+    @property
     def resolved_stop_window(self) -> int:
         """`stop_window`, or the paper's 1000 when it is None."""
         return self.stop_window if self.stop_window is not None else DEFAULT_STOP_WINDOW
@@ -177,7 +203,8 @@ class SinderTrainer:
 
     Args:
         model: the `PeftModel` to train (SINDER adapter on a model of a supported family).
-        directions: one defect direction per layer, from the *base* weights.
+        directions: one defect direction per layer, from the *base* model: a `DefectDirections` (saved with every
+            checkpoint, so that a resume uses the same ones) or plain tensors.
         args: the hyperparameters.
         accelerator: the `Accelerator` of this process (device, process count, trackers).
         checkpoint_dir: where checkpoints go (`<output_dir>/checkpoints`).
@@ -189,7 +216,7 @@ class SinderTrainer:
     def __init__(
         self,
         model: PeftModel,
-        directions: Sequence[torch.Tensor],
+        directions: DefectDirections | Sequence[torch.Tensor],
         args: TrainingArguments,
         accelerator: Accelerator,
         checkpoint_dir: Path,
@@ -207,12 +234,14 @@ class SinderTrainer:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.callbacks = list(callbacks)
         self.num_layers = describe_model(model).num_layers
-        stacked = torch.stack([direction.float() for direction in directions]).to(accelerator.device)
+        self.defect_directions = directions if isinstance(directions, DefectDirections) else None
+        matrix = directions.directions if isinstance(directions, DefectDirections) else torch.stack(list(directions))
+        stacked = matrix.float().to(accelerator.device)
         self.window_loss = WindowLoss(model, stacked, args.window_settings, autocast=accelerator.autocast)
         self.parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
         if not self.parameters:
             raise ValueError("The model has no trainable SINDER shift; wrap it with get_peft_model(SinderConfig()).")
-        self.optimizer = torch.optim.SGD(self.parameters, lr=args.lr, momentum=args.momentum)
+        self.optimizer = torch.optim.SGD(self.parameters, lr=args.resolved_lr, momentum=args.momentum)
         self.state = TrainerState(unreadable=sorted(set(unreadable)))
         self.interruption = InterruptionHandler()
         self._unreadable_log = UnreadableImageLog(unreadable)
@@ -246,7 +275,7 @@ class SinderTrainer:
         if added:
             momentum = {parameter: self.optimizer.state[parameter] for parameter in self.optimizer.state}
             self.parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
-            self.optimizer = torch.optim.SGD(self.parameters, lr=self.args.lr, momentum=self.args.momentum)
+            self.optimizer = torch.optim.SGD(self.parameters, lr=self.args.resolved_lr, momentum=self.args.momentum)
             self.optimizer.state.update(momentum)
             logger.info(
                 "Defects reached blocks %s: adapting them (adapted blocks now %s).",
@@ -352,6 +381,7 @@ class SinderTrainer:
         `self.state` (see `load_checkpoint`), including the position in the current epoch.
         """
         args = self.args
+        stop_window = capped_stop_window(args.resolved_stop_window, dataset)
         progress = tqdm(
             total=args.max_steps,
             initial=self.state.step,
@@ -363,7 +393,7 @@ class SinderTrainer:
         last_saved = self.state.step
         with self.interruption, progress:
             while self.state.stop_reason is None:
-                images_before = self.state.images_seen
+                images_before, skipped_before = self.state.images_seen, self.state.images_skipped
                 batches = epoch_batches(
                     dataset,
                     batch_size=args.batch_size,
@@ -379,15 +409,15 @@ class SinderTrainer:
                     if batch is None:
                         break
                     result = self.training_step(batch.pixel_values, batch.unreadable)
-                    self.state.record_batch(int(result["images"]), int(result["skipped"]), args.resolved_stop_window)
+                    self.state.record_batch(int(result["images"]), int(result["skipped"]), stop_window)
                     self.state.seconds = time.perf_counter() - started
-                    self._report(progress, result)
+                    self._report(progress, result, stop_window)
                     for callback in self.callbacks:
                         callback(self.state)
                     self.state.stop_reason = self.state.next_stop_reason(
                         interrupted=self.interruption.requested,
                         max_steps=args.max_steps,
-                        stop_window=args.resolved_stop_window,
+                        stop_window=stop_window,
                         stop_skip_ratio=args.stop_skip_ratio,
                     )
                     if args.save_every and self.state.step - last_saved >= args.save_every:
@@ -397,14 +427,22 @@ class SinderTrainer:
                     if self.state.images_seen == images_before:
                         self.state.stop_reason = "data"
                         logger.warning("A whole pass over the data gave no usable image; stopping.")
+                    elif self.state.images_skipped - skipped_before == self.state.images_seen - images_before:
+                        self.state.stop_reason = "no_defect"
+                        logger.info("A whole pass over the data found no defective image; stopping.")
                     self.state.epoch += 1
                     self.state.batches_in_epoch = 0
         self.save_checkpoint()
         return self.state
 
-    def _report(self, progress: tqdm, result: dict[str, float]) -> None:
-        """Update the progress bar (main process) and the Accelerate trackers with one step's numbers."""
-        ratio, _ = self.state.recent_skip_ratio()
+    def _report(self, progress: tqdm, result: dict[str, float], stop_window: int) -> None:
+        """Update the progress bar (main process) and the Accelerate trackers with one step's numbers.
+
+        The bar counts steps; its postfix shows how many images the stop rule has checked of its window
+        (`checked`) and the share of them without defect (`skip`), so that a long stretch without a defective
+        image, where no step is taken, still moves.
+        """
+        ratio, window_images = self.state.recent_skip_ratio()
         if result["defective"] > 0:
             progress.update(self.state.step - progress.n)
         layers = self.state.defective_layers
@@ -412,6 +450,7 @@ class SinderTrainer:
         progress.set_postfix(
             loss=f"{self.state.last_loss:.4f}" if self.state.last_loss is not None else "-",
             layer=latest_layer,
+            checked=f"{min(window_images, stop_window)}/{stop_window}",
             skip=f"{ratio:.2f}",
             images=self.state.images_seen,
         )
@@ -427,7 +466,10 @@ class SinderTrainer:
         target = self.checkpoint_dir / f"step-{self.state.step:07d}"
         model = self.accelerator.unwrap_model(self.model)
         run_on_main_process(
-            self.accelerator, lambda: write_checkpoint(self.checkpoint_dir, model, self.optimizer, self.state)
+            self.accelerator,
+            lambda: write_checkpoint(
+                self.checkpoint_dir, model, self.optimizer, self.state, directions=self.defect_directions
+            ),
         )
         return target
 
@@ -437,6 +479,14 @@ class SinderTrainer:
         self.state, optimizer_state = read_checkpoint(checkpoint, self.accelerator.device)
         self._unreadable_log.merge(self.state.unreadable)
         self.optimizer.load_state_dict(optimizer_state)
+
+
+def capped_stop_window(stop_window: int, dataset: Dataset | IterableDataset) -> int:
+    """Return the stop rule's window for `dataset`: `stop_window`, capped by the number of images of a finite
+    (map-style) dataset, so that a model without defect is answered after at most one pass over its data."""
+    if isinstance(dataset, IterableDataset):
+        return stop_window
+    return max(1, min(stop_window, len(dataset)))
 
 
 def build_sinder_model(

@@ -709,6 +709,7 @@ def test_high_norm_defects_needs_a_real_norm_gap() -> None:
     median norm one layer later, in the second every norm is flat (a chance 4-sigma cosine outlier after a repair).
     Only the first is a high-norm defect; an image without a defective layer never is."""
     from sinder_peft.defects import DefectAnalysis
+    from sinder_peft.direction_sources import DefectDirections
 
     layers, height, width = 2, 5, 5
     masks = torch.zeros(3, layers, height, width, dtype=torch.bool)
@@ -730,6 +731,15 @@ def test_high_norm_defects_needs_a_real_norm_gap() -> None:
         min_tokens=3,
         kernel=3,
         norm_threshold=None,
+        defect_directions=DefectDirections(
+            directions=torch.zeros(layers, 4),
+            weights_directions=torch.zeros(layers, 4),
+            sources=("weights",) * layers,
+            weights_cosines=(None,) * layers,
+            high_norm_tokens=(0,) * layers,
+            requested="weights",
+        ),
+        weights_cosines=torch.zeros(3, layers, height, width),
     )
     assert analysis.high_norm_defects().tolist() == [True, False, False]
     assert analysis.high_norm_defects(norm_gap=6.0).tolist() == [False, False, False]

@@ -207,6 +207,7 @@ def test_defect_figures_of_the_planted_defect(tmp_path: Path) -> None:
         defect_resolution=224,
         num_workers=0,
         norm_map_images=2,
+        directions="weights",  # the paper's theory; `auto` on random models: tests/test_direction_sources.py
     )
     normalization = ImageNormalization()
     models = [("demo", build_demo_model(), normalization), ("tiny", tiny_dinov2(), normalization)]

@@ -5,7 +5,8 @@
     accelerate launch --num_processes 2 examples/repair.py --model facebook/dinov2-giant --data imagenet-1k \
         --streaming --output-dir runs/giant
 
-See `python examples/repair.py --help` for every flag; the defaults are the paper's.
+See `python examples/repair.py --help` for every flag; the default recipe is `preserve`, `--recipe paper` is the
+paper's.
 """
 
 from sinder_peft.repair import main

@@ -12,7 +12,7 @@ from .layer import SinderLayer
 from .model import SinderModel
 from .registration import SINDER_PEFT_TYPE, register_sinder
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 register_sinder(SinderConfig, SinderModel)
 

@@ -695,7 +695,7 @@ def estimate_defect_directions(
     `images` (an iterable of normalized [B, 3, H, W] batches, of any sizes that are multiples of the patch size).
 
     The high-norm tokens of all batches are pooled per layer, and `direction_sources.choose_direction` picks each
-    layer's direction (docs/method.md §8). `directions` are the weights' directions (computed when None). Use this
+    layer's direction (docs/method.md §9). `directions` are the weights' directions (computed when None). Use this
     when the analysed images do not fit one batch; `find_defect_tokens` makes the same choice inside its own pass.
     """
     backbone = unwrap_backbone(model)
@@ -740,7 +740,7 @@ def find_defect_tokens(
         pixel_values: [B, 3, height, width] normalized images; height and width multiples of the patch size.
         directions: the weights' directions, one per layer (computed with `singular_defect_directions(model)` when
             None), or a `DefectDirections` already chosen (e.g. on a repair's selection sample).
-        direction_source: "weights", "data" or "auto" (docs/method.md §8); ignored when `directions` is a
+        direction_source: "weights", "data" or "auto" (docs/method.md §9); ignored when `directions` is a
             `DefectDirections`.
         mask_thr: outlier threshold k of `defect_token_mask`.
         min_tokens: a layer is defective for an image when at least this many tokens are flagged; a layer needs as

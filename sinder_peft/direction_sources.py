@@ -3,7 +3,7 @@
 SINDER's defect direction of layer l is computed from the weights alone (`defects.singular_defect_directions`, the
 leading left singular vector of the linearized blocks up to l). That explains the high-norm tokens of the models the
 paper studied, but not of every checkpoint: a sparse MLP unit that fires on a few patches (a "register neuron") has
-almost no weight in a linear fit, yet writes the largest tokens (docs/method.md §8). So the tool measures, per layer,
+almost no weight in a linear fit, yet writes the largest tokens (docs/method.md §9). So the tool measures, per layer,
 how well the weights' direction explains the high-norm tokens, and can take the direction from those tokens instead:
 
 * a **high-norm token** of an image at a layer is a patch token whose norm is at least `HIGH_NORM_FACTOR` (4) times
@@ -41,7 +41,7 @@ DIRECTION_SOURCE_HELP = (
     "Where each layer's defect direction comes from. weights: the paper's, computed from the weights alone; data: "
     "the leading direction of the high-norm tokens (>= 4x their image's median norm) of the analysed images, at "
     "layers with at least min-tokens of them; auto: the weights' direction where it explains the high-norm tokens "
-    "(mean |cos| >= 0.5), the data direction where it does not (docs/method.md §8)."
+    "(mean |cos| >= 0.5), the data direction where it does not (docs/method.md §9)."
 )
 
 HIGH_NORM_FACTOR = 4.0

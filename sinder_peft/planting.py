@@ -678,7 +678,7 @@ def build_sparse_unit_dinov2(
     with_unit: bool = True,
 ) -> PlantedModel:
     """Build a random DINOv2 whose defect comes from a *sparse* unit that the weights' linearization does not see
-    (a "register neuron", docs/method.md §8).
+    (a "register neuron", docs/method.md §9).
 
     Every weight is at transformers' random initialization (0.02, layer scale 1); the patch embedding writes
     brightness along d with gain `_SPARSE_BRIGHTNESS_GAIN` (so that on bright patches d dominates the normed token),

@@ -63,7 +63,7 @@ PAPER_LR = 0.005
 PRESERVE_LR = 0.001
 """The `preserve` recipe's learning rate: at the paper's 0.005 one step of log-scale shifts can overshoot on a model
 whose defect comes from a sparse unit (clean-token cosine 0.92 to the model without the unit, 0.997 at 0.001), and at
-0.001 every planted model of docs/method.md §7-8 is still repaired in a few steps."""
+0.001 every planted model of docs/method.md §7 and §9 is still repaired in a few steps."""
 PRESERVE_NORM_GAP = 2.0
 """The `preserve` recipe's norm gap: once the defect tokens are gone, a 4-sigma cosine outlier of a flat image is no
 longer a defect, so training stops instead of reshaping clean tokens (docs/method.md §7)."""
@@ -80,7 +80,7 @@ class TrainingArguments:
         metadata={
             "help": "preserve (the default): log-scale shifts S * exp(delta), a norm gap in the defect test and lr "
             f"{PRESERVE_LR}, which remove the defect without moving clean tokens where the paper's recipe moves them "
-            "(randomly initialised and trained models, sparse-unit defects; docs/method.md §7-8); paper: the "
+            "(randomly initialised and trained models, sparse-unit defects; docs/method.md §7, §9); paper: the "
             f"paper's exact recipe, additive singular-value shifts at lr {PAPER_LR}."
         },
     )

@@ -249,6 +249,18 @@ def test_listing_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not (tmp_path / "tree" / "train").exists()
 
 
+def test_clean_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clean random model gets "nothing to repair" on every folder, with no image trained on and no model/."""
+    module = load_benchmark("bench_clean", monkeypatch)
+    output = tmp_path / "clean.json"
+    module.main(["--quick", "--output", str(output)])
+    result = read_json(output)
+    assert [entry["images"] for entry in result["results"]] == [4, 20]
+    for entry in result["results"]:
+        assert entry["stop_reason"] == "nothing_to_repair" and entry["images_seen"] == 0 and entry["steps"] == 0
+        assert not entry["model_written"] and entry["seconds"] > 0
+
+
 def test_families_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     module = load_benchmark("bench_families", monkeypatch)
     output = tmp_path / "families.json"

@@ -350,3 +350,56 @@ def test_diagnose_and_evaluate_report_the_high_norm_tokens(tmp_path: Path, train
         assert section["images_with_defects"] == defective, directions
         assert section["per_layer_high_norm_tokens"][layer] > 0
         assert section["per_layer_high_norm_weights_cosine"][layer] < 0.5
+
+
+def test_resume_reuses_the_saved_directions(
+    tmp_path: Path, training_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed repair takes its directions from the checkpoint as they are: the base model's weights' directions
+    are not computed again (only the merged model's, for the report), and report.json records the same choice."""
+    import sinder_peft.repair as repair_module
+
+    planted = build_sparse_unit_dinov2(seed=0)
+    source = save_planted_model(planted, tmp_path / "source")
+    run = tmp_path / "run"
+    arguments = RepairArguments(model=str(source), data=str(training_images), resolution=224, output_dir=str(run))
+    first = repair(arguments, TrainingArguments(max_steps=1, save_every=1))
+    assert first.state.stop_reason == "max_steps"
+    calls: list[int] = []
+    original = repair_module.compute_directions
+
+    def counting(model: torch.nn.Module) -> list[torch.Tensor]:
+        calls.append(1)
+        return original(model)
+
+    monkeypatch.setattr(repair_module, "compute_directions", counting)
+    resumed = repair(
+        RepairArguments(
+            model=str(source), data=str(training_images), resolution=224, output_dir=str(run), resume=str(run)
+        ),
+        TrainingArguments(max_steps=3),
+    )
+    assert len(calls) == 1  # the merged model's, in the export
+    assert resumed.report["directions"] == first.report["directions"]
+
+
+def test_stop_window_is_capped_by_the_dataset() -> None:
+    from sinder_peft.trainer import capped_stop_window
+
+    class Sized(torch.utils.data.Dataset):
+        def __init__(self, size: int) -> None:
+            self.size = size
+
+        def __len__(self) -> int:
+            return self.size
+
+        def __getitem__(self, index: int) -> int:
+            return index
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return iter(range(3))
+
+    assert capped_stop_window(1000, Sized(18)) == 18
+    assert capped_stop_window(6, Sized(18)) == 6
+    assert capped_stop_window(1000, Stream()) == 1000

@@ -758,16 +758,9 @@ def find_defect_tokens(
     description = describe_config(backbone.config)
     height, width = patch_grid_size(pixel_values, description.patch_size, kernel)
     chosen = directions if isinstance(directions, DefectDirections) else None
-    weights = (
-        chosen.weights_directions
-        if chosen is not None
-        else _weights_direction_matrix(backbone, description, directions)
+    weights = _weights_direction_matrix(
+        backbone, description, chosen.weights_directions if chosen is not None else directions
     )
-    expected_shape = (description.num_layers, description.hidden_size)
-    if tuple(weights.shape) != expected_shape:
-        raise ValueError(
-            f"Expected {expected_shape[0]} directions of size {expected_shape[1]}, got shape {tuple(weights.shape)}."
-        )
     batch = pixel_values.shape[0]
     cosines, weights_cosines, norms, layers = [], [], [], []
     for index, patches in enumerate(_layer_patch_grids(backbone, description, pixel_values, height, width)):

@@ -41,7 +41,13 @@ from transformers import HfArgumentParser
 from .architectures import describe_model
 from .data import resize_and_crop, spread_positions
 from .defects import estimate_defect_directions, singular_defect_directions
-from .direction_sources import DIRECTION_SOURCE_HELP, DefectDirections, DirectionSource
+from .direction_sources import (
+    DIRECTION_SOURCE_HELP,
+    DefectDirections,
+    DirectionSource,
+    directions_from_tensors,
+    directions_to_tensors,
+)
 from .evaluation_data import (
     ClassificationData,
     ImageSource,
@@ -83,6 +89,8 @@ NORM_MAPS_FIGURE_NAME = "norm_maps.png"
 CACHE_FOLDER = "cache"
 DEFECT_KERNEL = 3
 DIRECTION_SAMPLE_IMAGES = 16
+DIRECTIONS_PREFIX = "directions."
+"""Prefix of the chosen directions' tensors among the cached defect statistics."""
 """The defect images on which each model's directions are chosen (`--directions`), the first ones of the data."""
 
 
@@ -502,19 +510,20 @@ def _defect_section(
     assert images is not None
     patch_size = describe_model(model).patch_size
     dataset = PreparedImages(images, args.defect_resolution, patch_size, normalization)
-    directions = _defect_directions(model, dataset, args)
     key = {
         "model": fingerprint,
         "data": dataset.identity(),
         "mask_thr": args.mask_thr,
         "min_tokens": args.min_tokens,
         "kernel": DEFECT_KERNEL,
-        "directions": directions.to_dict(),
+        "directions": args.directions,
+        "direction_sample_images": DIRECTION_SAMPLE_IMAGES,
     }
     path = context.cache.path("defects", key)
     if path is not None and path.is_file():
         statistics = context.cache.load(path) if context.is_main else None
     else:
+        directions = _defect_directions(model, dataset, args)
         statistics = extract_defect_statistics(
             model,
             dataset,
@@ -528,6 +537,9 @@ def _defect_section(
             state=context.state,
         )
         if context.is_main:
+            statistics.update(
+                {f"{DIRECTIONS_PREFIX}{name}": tensor for name, tensor in directions_to_tensors(directions).items()}
+            )
             context.cache.save(path, statistics, key)
         context.wait()
     if not context.is_main:
@@ -556,7 +568,14 @@ def _defect_section(
             float(total_cosine / count) if count > 0 else None
             for total_cosine, count in zip(cosine_sums.tolist(), totals.tolist(), strict=True)
         ],
-        "directions": directions.to_dict(),
+        "directions": directions_from_tensors(
+            {
+                name.removeprefix(DIRECTIONS_PREFIX): tensor
+                for name, tensor in statistics.items()
+                if name.startswith(DIRECTIONS_PREFIX)
+            },
+            args.directions,
+        ).to_dict(),
         "num_images": len(norms),
         "resolution": args.defect_resolution,
     }

@@ -405,7 +405,10 @@ def test_repair_ends_with_an_evaluation_of_the_original_and_the_repaired_model(
 
     run = tmp_path / "run"
     arguments = RepairArguments(
-        output_dir=str(run), evaluate_knn_data=str(data["knn"]), evaluate_seg_data=str(data["seg"])
+        output_dir=str(run),
+        evaluate_knn_data=str(data["knn"]),
+        evaluate_seg_data=str(data["seg"]),
+        evaluate_defect_data=str(demo_image_paths()[0].parent),
     )
     result = repair(arguments, TrainingArguments(max_steps=2))
     evaluation = result.report["evaluation"]

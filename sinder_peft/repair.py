@@ -547,6 +547,9 @@ def _export(
 
     if repaired:
         _write_directory(output_dir / "model", write_model)
+    else:  # a model/ or adapter/ left by an earlier run in this directory (--overwrite) is not this run's result
+        for stale in ("model", "adapter"):
+            shutil.rmtree(output_dir / stale, ignore_errors=True)
 
     def write_figures(directory: Path) -> None:
         directory.mkdir(parents=True)

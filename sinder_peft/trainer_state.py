@@ -25,7 +25,9 @@ class TrainerState:
         defective_layers: how often each layer was an image's defective layer.
         last_loss: the mean loss of the last step with a defective image.
         seconds: training time so far.
-        stop_reason: why training ended ("max_steps", "skip_ratio", "data", "interrupted"), or None.
+        stop_reason: why training ended ("max_steps", "skip_ratio", "no_defect": a whole pass without a defective
+            image, "data": a pass without a usable image, "interrupted"), or None; a repair that finds nothing to
+            repair before training records "nothing_to_repair".
         unreadable: names of the images found unusable so far (not images, truncated, too small), over all
             processes, each once.
     """

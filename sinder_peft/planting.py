@@ -610,6 +610,30 @@ def _random_dinov2_with_brightness(
     return model, brightness, defect
 
 
+def _middle_layer(num_layers: int, defect_layer: int | None) -> int:
+    """Return `defect_layer`, or the middle block `num_layers // 2` when it is None, checked against the depth."""
+    layer = num_layers // 2 if defect_layer is None else defect_layer
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"defect_layer must be in [0, {num_layers}), got {defect_layer}.")
+    return layer
+
+
+def _random_planted_model(
+    model: transformers.Dinov2Model, swiglu: bool, defect: torch.Tensor, brightness: torch.Tensor, layer: int
+) -> PlantedModel:
+    """Return the `PlantedModel` of a random DINOv2 planted at block `layer` (ImageNet normalization, patch 14)."""
+    return PlantedModel(
+        model=model.eval(),
+        family="dinov2_swiglu" if swiglu else "dinov2",
+        direction=defect,
+        brightness_direction=brightness,
+        defect_layer=layer,
+        normalization=ImageNormalization(),
+        image_processor=_image_processor("dinov2", 14, 224),
+        patch_size=14,
+    )
+
+
 def _set_trigger_unit(
     model: transformers.Dinov2Model, layer: int, swiglu: bool, read: torch.Tensor, bias: float, write: torch.Tensor
 ) -> None:
@@ -649,23 +673,12 @@ def build_random_planted_dinov2(
     Returns:
         A `PlantedModel` (family "dinov2" or "dinov2_swiglu", ImageNet normalization, patch 14, 224 px).
     """
-    layer = num_layers // 2 if defect_layer is None else defect_layer
-    if not 0 <= layer < num_layers:
-        raise ValueError(f"defect_layer must be in [0, {num_layers}), got {defect_layer}.")
+    layer = _middle_layer(num_layers, defect_layer)
     model, brightness, defect = _random_dinov2_with_brightness(
         seed, num_layers, swiglu, hidden_size, _HARD_BRIGHTNESS_GAIN
     )
     _set_trigger_unit(model, layer, swiglu, _HARD_READ_GAIN * brightness, 0.0, _HARD_WRITE_GAIN * defect)
-    return PlantedModel(
-        model=model.eval(),
-        family="dinov2_swiglu" if swiglu else "dinov2",
-        direction=defect,
-        brightness_direction=brightness,
-        defect_layer=layer,
-        normalization=ImageNormalization(),
-        image_processor=_image_processor("dinov2", 14, 224),
-        patch_size=14,
-    )
+    return _random_planted_model(model, swiglu, defect, brightness, layer)
 
 
 def build_sparse_unit_dinov2(
@@ -695,9 +708,7 @@ def build_sparse_unit_dinov2(
     Returns:
         A `PlantedModel` (family "dinov2" or "dinov2_swiglu", ImageNet normalization, patch 14, 224 px).
     """
-    layer = num_layers // 2 if defect_layer is None else defect_layer
-    if not 0 <= layer < num_layers:
-        raise ValueError(f"defect_layer must be in [0, {num_layers}), got {defect_layer}.")
+    layer = _middle_layer(num_layers, defect_layer)
     model, brightness, candidate = _random_dinov2_with_brightness(
         seed, num_layers, swiglu, hidden_size, _SPARSE_BRIGHTNESS_GAIN
     )
@@ -706,16 +717,7 @@ def build_sparse_unit_dinov2(
     if with_unit:
         read, write = _SPARSE_READ_GAIN * brightness, _SPARSE_WRITE_GAIN * defect
         _set_trigger_unit(model, layer, swiglu, read, -_SPARSE_THRESHOLD, write)
-    return PlantedModel(
-        model=model.eval(),
-        family="dinov2_swiglu" if swiglu else "dinov2",
-        direction=defect,
-        brightness_direction=brightness,
-        defect_layer=layer,
-        normalization=ImageNormalization(),
-        image_processor=_image_processor("dinov2", 14, 224),
-        patch_size=14,
-    )
+    return _random_planted_model(model, swiglu, defect, brightness, layer)
 
 
 def save_planted_model(planted: PlantedModel, directory: str | Path) -> Path:

@@ -47,9 +47,9 @@ from safetensors import safe_open
 from transformers import Dinov2Model, Dinov2WithRegistersModel
 
 from sinder_peft import SinderConfig
-from sinder_peft.architectures import describe_config
-from sinder_peft.layer import FINGERPRINT_SIZE
-from sinder_peft.window import gradient_window
+from sinder_peft.training.window_loss import gradient_window
+from sinder_peft.tuner.architectures import describe_config
+from sinder_peft.tuner.layer import FINGERPRINT_SIZE
 
 FLOAT32_BYTES = 4
 

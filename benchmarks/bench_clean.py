@@ -2,7 +2,7 @@
 
 Writes a randomly initialised DINOv2 of `--size` (no high-norm token: every patch norm stays near its image's median)
 with `save_pretrained`, and folders of `--images` smooth pictures (no bright spots), then times the whole
-`sinder_peft.repair.repair` call on each folder at `--resolution`: loading, listing, the selection sample's pass,
+`sinder_peft.jobs.repair.repair` call on each folder at `--resolution`: loading, listing, the selection sample's pass,
 the directions, and the report. The answer should not depend on the folder's size (only the selection images are
 read) and the run must end with `stop_reason` "nothing_to_repair", no step and no `model/`.
 
@@ -31,8 +31,9 @@ from common import (
 )
 from PIL import Image
 
-from sinder_peft.repair import RepairArguments, repair
-from sinder_peft.trainer import TrainingArguments
+from sinder_peft.jobs.repair import repair
+from sinder_peft.jobs.repair_arguments import RepairArguments
+from sinder_peft.training.arguments import TrainingArguments
 
 
 def smooth_picture(seed: int, size: int) -> Image.Image:

@@ -21,14 +21,14 @@ from typing import Any
 import torch
 from transformers import Dinov2Config, Dinov2Model
 
-from sinder_peft.architectures import describe_model, get_blocks
-from sinder_peft.defects import (
+from sinder_peft.analysis.directions import (
     expected_mlp_jacobian,
     leading_left_singular_vector,
     linearized_attention,
     linearized_mlp,
     sampled_mlp_jacobian,
 )
+from sinder_peft.tuner.architectures import describe_model, get_blocks
 
 
 def parse_args() -> argparse.Namespace:

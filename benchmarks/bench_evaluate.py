@@ -4,7 +4,7 @@ Extraction (issue goal: at least 0.9× the throughput of a plain loop). `--image
 JPEG) are written to a temporary folder. Timed, interleaved round by round on the same seeded random DINOv2:
 
 * `plain`: `model(pixel_values=batch)` under `torch.inference_mode()` over the images already decoded, resized,
-  cropped and normalized (`data.prepare_image`) and stacked into batches in memory: the model alone;
+  cropped and normalized (`images.preprocessing.prepare_image`) and stacked into batches in memory: the model alone;
 * `extract (CLS)`: `features.extract_features` on the image files, what kNN runs: decoding and preprocessing in
   DataLoader workers (`--num-workers`), the forward, the CLS and the collection of the results;
 * `extract (CLS + patches)`: the same with the patch tokens kept (float16), what the segmentation probe runs.
@@ -42,12 +42,10 @@ from common import (
 )
 from PIL import Image
 
-from sinder_peft.data import load_image, prepare_image
-from sinder_peft.evaluate import EvaluationArguments
-from sinder_peft.evaluation_data import ImageFiles, PreparedImages
-from sinder_peft.features import extract_features
-from sinder_peft.loading import ImageNormalization
-from sinder_peft.probes import (
+from sinder_peft.evaluation.arguments import EvaluationArguments
+from sinder_peft.evaluation.features import extract_features
+from sinder_peft.evaluation.image_sources import ImageFiles, PreparedImages
+from sinder_peft.evaluation.probes import (
     DINOV2_KNN_KS,
     DINOV2_KNN_TEMPERATURE,
     evaluate_segmentation_probe,
@@ -55,6 +53,8 @@ from sinder_peft.probes import (
     patch_label_counts,
     train_linear_segmentation_probe,
 )
+from sinder_peft.images.preprocessing import load_image, prepare_image
+from sinder_peft.tuner.architectures import ImageNormalization
 
 PATCH_SIZE = 14
 

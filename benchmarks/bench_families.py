@@ -34,9 +34,9 @@ from common import (
     write_json,
 )
 
-from sinder_peft.architectures import describe_model, unwrap_backbone
-from sinder_peft.planting import build_planted_model, spot_pixel_values
-from sinder_peft.trainer import TrainingArguments
+from sinder_peft.synthetic.planting import build_planted_model, spot_pixel_values
+from sinder_peft.training.arguments import TrainingArguments
+from sinder_peft.tuner.architectures import describe_model, unwrap_backbone
 
 FAMILIES = ("dinov2", "dinov2_swiglu", "dinov3", "dinov3_gated", "clip_vision", "siglip", "siglip2", "vit", "deit")
 

@@ -2,7 +2,8 @@
 
 A linear layer of weight `W = U diag(S) V^T` adapted by SINDER applies `U diag(S + delta) V^T`. Forms compared:
 
-* `factored`: `((x V) * (S + delta)) U^T + b` -- what `sinder_peft.layer.Linear` does (the module itself is used);
+* `factored`: `((x V) * (S + delta)) U^T + b` -- what `sinder_peft.tuner.layer.Linear` does (the module itself is
+  used);
 * `additive`: `base(x) + ((x V) * delta) U^T`;
 * `rebuild`: `W' = U diag(S + delta) V^T` rebuilt in every call with two dense matmuls, as the original SINDER code
   (`SVDLinearAddition`) does, then `x W'^T + b`;
@@ -45,7 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sinder_peft import SinderConfig
-from sinder_peft.layer import Linear as SinderLinear
+from sinder_peft.tuner.layer import Linear as SinderLinear
 
 FORMS: tuple[str, ...] = ("factored", "additive", "rebuild", "merged", "plain")
 TARGETS: tuple[str, ...] = ("attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2")
@@ -84,7 +85,7 @@ class FormLinear(nn.Module):
 def make_forms(base: nn.Linear, delta: torch.Tensor) -> dict[str, nn.Module]:
     """Return copies of `base` in every form of `FORMS`, adapted with shift `delta` (`base` is left untouched).
 
-    The forms take their factors from one `sinder_peft.layer.Linear` (float64 SVD rounded to float32), so they
+    The forms take their factors from one `sinder_peft.tuner.layer.Linear` (float64 SVD rounded to float32), so they
     differ only in how they compute.
     """
     factored = SinderLinear(copy.deepcopy(base).requires_grad_(False), "default", SinderConfig())

@@ -3,7 +3,7 @@
 For every projection the adapter targets (`v_proj`, `o_proj` and the MLP projections), with a random weight of the
 model's shape, three ways of factoring it are timed:
 
-* `adapter`: creating `sinder_peft.layer.Linear` on it, i.e. what injection does: a float64 SVD, through the
+* `adapter`: creating `sinder_peft.tuner.layer.Linear` on it, i.e. what injection does: a float64 SVD, through the
   transpose for a wide weight (fewer rows than columns);
 * `float64, as stored`: `torch.linalg.svd` of the float64 weight in its stored orientation (the same SVD without the
   transpose);
@@ -39,8 +39,8 @@ from torch import nn
 from transformers import Dinov2Model
 
 from sinder_peft import SinderConfig
-from sinder_peft.architectures import describe_config
-from sinder_peft.layer import Linear
+from sinder_peft.tuner.architectures import describe_config
+from sinder_peft.tuner.layer import Linear
 
 
 def projection_shapes(size: str) -> dict[str, tuple[int, int]]:

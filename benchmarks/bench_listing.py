@@ -27,7 +27,7 @@ from typing import Any
 
 from common import format_table, machine_description, summarize_times, write_json
 
-from sinder_peft.data import IMAGE_EXTENSIONS, ImageFolderDataset, list_image_files
+from sinder_peft.images.datasets import IMAGE_EXTENSIONS, ImageFolderDataset, list_image_files
 
 
 def build_tree(root: Path, classes: int, per_class: int) -> int:

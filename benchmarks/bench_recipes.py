@@ -9,9 +9,9 @@
   where chance cosine outliers pass for a defect, the norm gap at the planted one. `preserve / paper+gap` compares
   the two recipes' steps at the same defective layer: the cost of the log-scale shift and of the norm test.
 * `--part ablation`: whole repairs (`repair()`, 224 px, `--max-steps`) of the harder planted models of
-  `planting.build_random_planted_dinov2` (seeds x 6/8 blocks x GELU/SwiGLU) with each recipe, judged on held-out
-  pictures: last-layer max/median token norm before and after, mean cosine to the original of the clean tokens (norm
-  below 4x the median before) and of the CLS token, steps and seconds.
+  `synthetic.random_planting.build_random_planted_dinov2` (seeds x 6/8 blocks x GELU/SwiGLU) with each recipe,
+  judged on held-out pictures: last-layer max/median token norm before and after, mean cosine to the original of the
+  clean tokens (norm below 4x the median before) and of the CLS token, steps and seconds.
 
 Usage:
     python benchmarks/bench_recipes.py --threads 1 --part step --output results/recipes_step.json
@@ -37,16 +37,14 @@ from common import (
     write_json,
 )
 
-from sinder_peft.data import normalize_image
-from sinder_peft.defects import find_defect_tokens
-from sinder_peft.demo import generate_demo_image
-from sinder_peft.planting import build_random_planted_dinov2
-from sinder_peft.preservation import clean_token_cosine, clean_token_mask, output_features, pooled_cosine
-from sinder_peft.repair import RepairArguments, repair
-from sinder_peft.trainer import (
-    PRESERVE_NORM_GAP,
-    TrainingArguments,
-)
+from sinder_peft.analysis.detection import find_defect_tokens
+from sinder_peft.analysis.preservation import clean_token_cosine, clean_token_mask, output_features, pooled_cosine
+from sinder_peft.images.preprocessing import normalize_image
+from sinder_peft.jobs.repair import repair
+from sinder_peft.jobs.repair_arguments import RepairArguments
+from sinder_peft.synthetic.demo import generate_demo_image
+from sinder_peft.synthetic.random_planting import build_random_planted_dinov2
+from sinder_peft.training.arguments import PRESERVE_NORM_GAP, TrainingArguments
 
 RECIPES = ("paper", "preserve")
 TRAIN_SEEDS = range(300, 324)

@@ -69,7 +69,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import sinder_peft
-from sinder_peft.architectures import describe_config
+from sinder_peft.tuner.architectures import describe_config
 
 CATEGORIES: tuple[str, ...] = ("matmul", "attention", "elementwise", "other")
 

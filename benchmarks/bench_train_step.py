@@ -20,7 +20,8 @@ Variants (same random DINOv2, same image, same defect direction):
   full `W` trains, as in ordinary fine-tuning); same step as `ours`. The reference point of issue 6: the cost of the
   window's forward and backward passes with plain linear layers.
 
-Every variant computes SINDER's smooth neighbourhood loss (`sinder_peft.loss.smooth_neighbourhood_loss`, 3x3 kernel) at
+Every variant computes SINDER's smooth neighbourhood loss (`sinder_peft.training.loss.smooth_neighbourhood_loss`,
+3x3 kernel) at
 the output of layer `--layer` for a synthetic defect mask (the 3 highest-norm interior tokens of each image) and
 the cosines to a fixed random unit direction. The per-layer defect detection of a real run (the original checks
 every block it passes) is left out of every variant. SGD: lr 0.005, momentum 0.9.
@@ -77,9 +78,9 @@ from torch.profiler import ProfilerActivity, profile
 
 import sinder_peft
 from sinder_peft import SinderConfig
-from sinder_peft.architectures import describe_config, get_blocks, unwrap_backbone
-from sinder_peft.loss import smooth_neighbourhood_loss
-from sinder_peft.window import gradient_window
+from sinder_peft.training.loss import smooth_neighbourhood_loss
+from sinder_peft.training.window_loss import gradient_window
+from sinder_peft.tuner.architectures import describe_config, get_blocks, unwrap_backbone
 
 VARIANTS: tuple[str, ...] = ("original", "ours", "floor")
 NUM_DEFECT_TOKENS = 3

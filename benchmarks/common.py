@@ -22,8 +22,9 @@ import torch
 from accelerate import Accelerator
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-from sinder_peft.trainer import SinderTrainer, TrainingArguments, build_sinder_model, compute_directions
-from sinder_peft.window import gradient_window
+from sinder_peft.training.arguments import TrainingArguments
+from sinder_peft.training.trainer import SinderTrainer, build_sinder_model, compute_directions
+from sinder_peft.training.window_loss import gradient_window
 
 PATCH_SIZE = 14
 NUM_REGISTER_TOKENS = 4

@@ -1,4 +1,4 @@
-"""Find and draw the singular defects of a ViT: a small script around `sinder_peft.diagnose.diagnose`.
+"""Find and draw the singular defects of a ViT: a small script around `sinder_peft.jobs.diagnose.diagnose`.
 
     python examples/diagnose.py                                   # offline demo: planted-defect model, demo images
     python examples/diagnose.py --model facebook/dinov2-base photo.jpg photos/ --output-dir diagnose-out
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from sinder_peft.diagnose import DEFAULT_RESOLUTION, diagnose
+from sinder_peft.jobs.diagnose import DEFAULT_RESOLUTION, diagnose
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ Several processes share the feature extraction; the probes run on the main proce
 `sinder evaluate` (`python examples/evaluate.py --help`); writes evaluation.json, evaluation.md and the figures.
 """
 
-from sinder_peft.evaluate import main
+from sinder_peft.evaluation.evaluate import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

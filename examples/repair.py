@@ -9,7 +9,7 @@ See `python examples/repair.py --help` for every flag; the default recipe is `pr
 paper's.
 """
 
-from sinder_peft.repair import main
+from sinder_peft.jobs.repair import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

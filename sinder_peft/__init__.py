@@ -2,31 +2,107 @@
 
 Importing this package registers the "SINDER" adapter type with PEFT, so that `peft.get_peft_model`,
 `PeftModel.from_pretrained` and `PeftConfig.from_pretrained` handle SINDER adapters.
+
+Every name of the public API is importable from here (`__all__`); the subpackages are laid out by job, lower layers
+first (the README's map of the code):
+
+- `tuner`: the PEFT adapter (config, layer, model, registration) and the architecture registry;
+- `analysis`: defect directions from the weights, defect and high-norm token detection, feature preservation;
+- `visualization`: figures;
+- `synthetic`: the demo model and images, planted-defect models;
+- `models`, `images`: models and images in and out (loading, the Hub, conversion; preprocessing, datasets);
+- `training`, `evaluation`: the repair's training loop; `sinder evaluate`;
+- `jobs`: `sinder repair` and `sinder diagnose`; `cli`: the `sinder` command.
 """
 
-from .config import SinderConfig
-from .defects import DefectAnalysis, find_defect_tokens, singular_defect_directions
-from .evaluate import EvaluationArguments, evaluate, evaluate_models
-from .layer import Linear as SinderLinear
-from .layer import SinderLayer
-from .model import SinderModel
-from .registration import SINDER_PEFT_TYPE, register_sinder
-
-__version__ = "0.3.0"
-
-register_sinder(SinderConfig, SinderModel)
+from .analysis.detection import (
+    DefectAnalysis,
+    DefectDirections,
+    defect_token_mask,
+    direction_cosines,
+    estimate_defect_directions,
+    find_defect_tokens,
+    high_norm_token_mask,
+)
+from .analysis.direction_files import load_directions, save_directions
+from .analysis.directions import singular_defect_directions
+from .evaluation.arguments import EvaluationArguments
+from .evaluation.evaluate import evaluate, evaluate_models
+from .images.datasets import build_dataset
+from .images.preprocessing import prepare_image
+from .jobs.diagnose import diagnose
+from .jobs.repair import RepairResult, repair
+from .jobs.repair_arguments import RepairArguments
+from .models.conversion import convert_checkpoint, export_original_checkpoint, load_original_checkpoint
+from .models.hub import HubUploadError
+from .models.loading import ModelNotAvailableError, load_backbone
+from .synthetic.demo import build_demo_model, demo_images
+from .synthetic.planting import PlantedModel, build_planted_model, save_planted_model
+from .training.arguments import TrainingArguments
+from .training.loss import smooth_neighbourhood_loss
+from .training.state import TrainerState
+from .training.trainer import SinderTrainer, build_sinder_model
+from .tuner import SINDER_PEFT_TYPE, SinderConfig, SinderLayer, SinderModel
+from .tuner import Linear as SinderLinear
+from .tuner.architectures import (
+    SUPPORTED_FAMILIES,
+    SUPPORTED_MODEL_TYPES,
+    ImageNormalization,
+    describe_model,
+    unwrap_backbone,
+)
+from .tuner.descriptions import ArchitectureDescription
+from .version import __version__
+from .visualization.figures import before_after_figure, diagnosis_figure
 
 __all__ = [
     "SINDER_PEFT_TYPE",
+    "SUPPORTED_FAMILIES",
+    "SUPPORTED_MODEL_TYPES",
+    "ArchitectureDescription",
     "DefectAnalysis",
+    "DefectDirections",
     "EvaluationArguments",
+    "HubUploadError",
+    "ImageNormalization",
+    "ModelNotAvailableError",
+    "PlantedModel",
+    "RepairArguments",
+    "RepairResult",
     "SinderConfig",
     "SinderLayer",
     "SinderLinear",
     "SinderModel",
+    "SinderTrainer",
+    "TrainerState",
+    "TrainingArguments",
     "__version__",
+    "before_after_figure",
+    "build_dataset",
+    "build_demo_model",
+    "build_planted_model",
+    "build_sinder_model",
+    "convert_checkpoint",
+    "defect_token_mask",
+    "demo_images",
+    "describe_model",
+    "diagnose",
+    "diagnosis_figure",
+    "direction_cosines",
+    "estimate_defect_directions",
     "evaluate",
     "evaluate_models",
+    "export_original_checkpoint",
     "find_defect_tokens",
+    "high_norm_token_mask",
+    "load_backbone",
+    "load_directions",
+    "load_original_checkpoint",
+    "prepare_image",
+    "repair",
+    "save_directions",
+    "save_planted_model",
     "singular_defect_directions",
+    "smooth_neighbourhood_loss",
+    "unwrap_backbone",
 ]

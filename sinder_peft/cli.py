@@ -1,6 +1,7 @@
 """The `sinder` command: `sinder diagnose`, `sinder repair`, `sinder convert`, `sinder evaluate`.
 
-Each subcommand lives with the code it drives (`diagnose.py`, `repair.py`, `convert.py`, `evaluate.py`), which
+Each subcommand lives with the code it drives (`jobs/diagnose.py`, `jobs/repair.py`, `models/conversion.py`,
+`evaluation/evaluate.py`), which
 registers its arguments through `add_parser(subparsers)` and its handler through `set_defaults(handler=...)`.
 """
 
@@ -9,8 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from . import __version__, convert, diagnose, repair
-from .evaluate import add_parser as add_evaluate_parser
+from .evaluation.evaluate import add_parser as add_evaluate_parser
+from .jobs.diagnose import add_parser as add_diagnose_parser
+from .jobs.repair import add_parser as add_repair_parser
+from .models.conversion import add_parser as add_convert_parser
+from .version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,9 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sinder-peft {__version__}")
     parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    diagnose.add_parser(subparsers)
-    repair.add_parser(subparsers)
-    convert.add_parser(subparsers)
+    add_diagnose_parser(subparsers)
+    add_repair_parser(subparsers)
+    add_convert_parser(subparsers)
     add_evaluate_parser(subparsers)
     return parser
 

@@ -16,7 +16,7 @@ from transformers import ConvNextConfig, ConvNextModel
 
 import sinder_peft
 from sinder_peft import SinderConfig, SinderLinear
-from sinder_peft.layer import effective_linear_weight
+from sinder_peft.tuner.layer import effective_linear_weight
 
 KINDS = ["gelu", "swiglu", "registers"]
 EXPECTED_TARGETS = {
@@ -320,7 +320,7 @@ def shift_one_singular_value(peft_model: nn.Module, fraction: float) -> str:
 def test_a_two_percent_shift_is_refused_on_the_merged_model(tmp_path: Path, dtype: torch.dtype, source: str) -> None:
     """The double repair of the issue: an adapter that moves one layer's largest singular value by 2 % is loaded onto
     the model it was already merged into (saved and reloaded, as a `sinder repair` model/ would be)."""
-    from sinder_peft.demo import build_demo_model
+    from sinder_peft.synthetic.demo import build_demo_model
 
     base = (tiny_dinov2("gelu", seed=3) if source == "random" else build_demo_model()).to(dtype)
     peft_model = get_peft_model(base, SinderConfig(layers_to_transform=[0]))
@@ -352,7 +352,7 @@ def test_rounding_between_float32_and_bfloat16_is_accepted(tmp_path: Path, kind:
 def test_fingerprint_tolerance_is_per_value_and_per_dtype() -> None:
     """Independent check of the tolerance against the rounding error it stands for: the largest change of a singular
     value caused by rounding a weight to bfloat16 stays below the tolerance, and 2 % of the top values stays above."""
-    from sinder_peft.layer import fingerprint_tolerances, rounding_unit
+    from sinder_peft.tuner.layer import fingerprint_tolerances, rounding_unit
 
     generator = torch.Generator().manual_seed(0)
     for rows, columns in ((64, 64), (64, 256), (256, 64)):

@@ -1,4 +1,4 @@
-"""The registry of ViT families (`sinder_peft.architectures`) and the adapter targets it gives.
+"""The registry of ViT families (`sinder_peft.tuner.architectures`) and the adapter targets it gives.
 
 Block-by-block runs must equal each model's own forward at native and other sizes, backbones must be found inside
 larger models, and the default SINDER adapter must touch the value/output/MLP projections of the backbone's blocks
@@ -18,9 +18,11 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from sinder_peft import SinderConfig, SinderLinear
-from sinder_peft.architectures import (
+from sinder_peft.models.loading import load_backbone
+from sinder_peft.synthetic.planting import build_planted_model, save_planted_model
+from sinder_peft.synthetic.tiny_models import PLANTED_FAMILIES, build_tiny_model
+from sinder_peft.tuner.architectures import (
     SUPPORTED_FAMILIES,
-    ArchitectureDescription,
     block_list_path,
     describe_config,
     describe_model,
@@ -29,9 +31,8 @@ from sinder_peft.architectures import (
     patchify,
     unwrap_backbone,
 )
-from sinder_peft.loading import load_backbone
-from sinder_peft.model import block_index, outside_blocks_pattern
-from sinder_peft.planting import PLANTED_FAMILIES, build_planted_model, build_tiny_model, save_planted_model
+from sinder_peft.tuner.descriptions import ArchitectureDescription
+from sinder_peft.tuner.model import block_index, outside_blocks_pattern
 
 FAMILIES = PLANTED_FAMILIES
 NUM_LAYERS = 3

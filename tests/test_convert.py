@@ -1,4 +1,4 @@
-"""Tests for sinder_peft.convert: original DINOv2 layout <-> transformers DINOv2 models.
+"""Tests for sinder_peft.models.conversion: original DINOv2 layout <-> transformers DINOv2 models.
 
 The reference is an independent re-implementation, written here, of the original repository's forward pass
 (`DinoVisionTransformer.forward_features`: patch convolution, CLS token, position embeddings, registers inserted after
@@ -33,7 +33,7 @@ from transformers import (
     Dinov2WithRegistersModel,
 )
 
-from sinder_peft.convert import (
+from sinder_peft.models.conversion import (
     add_parser,
     convert_checkpoint,
     export_original_checkpoint,
@@ -525,7 +525,7 @@ def test_cli_reports_a_refused_checkpoint(tmp_path: Path, caplog: pytest.LogCapt
     parser = argparse.ArgumentParser(prog="sinder")
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["convert", str(tmp_path / "broken.safetensors"), str(tmp_path / "out")])
-    with caplog.at_level(logging.ERROR, logger="sinder_peft.convert"):
+    with caplog.at_level(logging.ERROR, logger="sinder_peft.models.conversion"):
         assert args.handler(args) == 1
     assert "missing keys: norm.bias" in caplog.text
     assert not (tmp_path / "out").exists()

@@ -11,9 +11,11 @@ from conftest import tiny_dinov2
 from peft import get_peft_model
 
 from sinder_peft import SinderConfig, SinderLinear
-from sinder_peft.data import build_dataset, collate_images
-from sinder_peft.demo import build_demo_model
-from sinder_peft.trainer import SinderTrainer, TrainingArguments, build_sinder_model, compute_directions
+from sinder_peft.images.batching import collate_images
+from sinder_peft.images.datasets import build_dataset
+from sinder_peft.synthetic.demo import build_demo_model
+from sinder_peft.training.arguments import TrainingArguments
+from sinder_peft.training.trainer import SinderTrainer, build_sinder_model, compute_directions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

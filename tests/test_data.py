@@ -13,20 +13,18 @@ from conftest import REPO_ROOT, run_python, tiny_dinov2
 from PIL import Image
 from transformers import BitImageProcessor, ConvNextConfig, ConvNextModel
 
-from sinder_peft.data import (
+from sinder_peft.images.batching import UnreadableImageLog, collate_images
+from sinder_peft.images.datasets import (
     HFImageDataset,
     HFImageIterableDataset,
     ImageFileDataset,
     ImageFolderDataset,
     UnreadableImage,
-    UnreadableImageLog,
     build_dataset,
-    collate_images,
-    denormalize_image,
-    prepare_image,
-    resize_and_crop,
 )
-from sinder_peft.loading import IMAGENET_MEAN, IMAGENET_STD, ImageNormalization, load_backbone
+from sinder_peft.images.preprocessing import denormalize_image, prepare_image, resize_and_crop
+from sinder_peft.models.loading import load_backbone
+from sinder_peft.tuner.architectures import IMAGENET_MEAN, IMAGENET_STD, ImageNormalization
 
 IMAGENET = ImageNormalization(IMAGENET_MEAN, IMAGENET_STD)
 
@@ -155,7 +153,7 @@ def test_truncated_and_too_small_images_are_found_when_read_and_warned_about_onc
     assert "smaller than one 14x14 patch" in batch.unreadable[1].reason
 
     log = UnreadableImageLog()
-    with caplog.at_level(logging.WARNING, logger="sinder_peft.data"):
+    with caplog.at_level(logging.WARNING, logger="sinder_peft.images.batching"):
         assert log.add(batch.unreadable) == [str(tmp_path / "cut.jpg"), str(tmp_path / "tiny.png")]
         assert log.add(collate_images([dataset[0], dataset[2]]).unreadable) == []  # a second epoch
     assert len(log) == 2
@@ -267,7 +265,7 @@ def test_build_dataset_dispatch(image_folder: Path) -> None:
 
 
 def test_build_dataset_demo_images() -> None:
-    from sinder_peft.demo import demo_image_paths
+    from sinder_peft.synthetic.demo import demo_image_paths
 
     demo = build_dataset(None, 56, 14)
     assert isinstance(demo, ImageFileDataset)
@@ -345,7 +343,7 @@ def test_load_backbone_from_offline_hub_cache(tmp_path: Path) -> None:
 
     code = """
 import json, sys
-from sinder_peft.loading import ModelNotAvailableError, load_backbone
+from sinder_peft.models.loading import ModelNotAvailableError, load_backbone
 model, normalization = load_backbone("facebook/dinov2-small")
 sums = {name: float(value.double().sum()) for name, value in model.state_dict().items()}
 try:

@@ -17,25 +17,30 @@ from scipy.stats import norm
 from transformers import Dinov2Config, Dinov2Model
 from transformers.activations import ACT2FN
 
-from sinder_peft.architectures import ArchitectureDescription, describe_model, get_blocks, patchify, unwrap_backbone
-from sinder_peft.defects import (
-    DefectAnalysis,
-    defect_token_mask,
-    direction_cosines,
+from sinder_peft.analysis.detection import DefectAnalysis, defect_token_mask, direction_cosines, find_defect_tokens
+from sinder_peft.analysis.directions import (
     expected_activation_jacobian,
     expected_gated_jacobian,
     expected_gelu_derivative,
     expected_mlp_jacobian,
     expected_swiglu_jacobian,
-    find_defect_tokens,
     leading_left_singular_vector,
     linearized_block,
     sampled_mlp_jacobian,
     singular_defect_directions,
 )
-from sinder_peft.demo import build_planted_defect_model, generate_demo_image
-from sinder_peft.loading import IMAGENET_MEAN, IMAGENET_STD
-from sinder_peft.planting import build_planted_model, build_tiny_model, spot_pixel_values
+from sinder_peft.synthetic.demo import build_planted_defect_model, generate_demo_image
+from sinder_peft.synthetic.planting import build_planted_model, spot_pixel_values
+from sinder_peft.synthetic.tiny_models import build_tiny_model
+from sinder_peft.tuner.architectures import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    describe_model,
+    get_blocks,
+    patchify,
+    unwrap_backbone,
+)
+from sinder_peft.tuner.descriptions import ArchitectureDescription
 
 FRESH_IMAGE_SEEDS = tuple(range(1000, 1012))
 
@@ -708,8 +713,7 @@ def test_high_norm_defects_needs_a_real_norm_gap() -> None:
     """Two images flagged by the cosine test at layer 0 (3 tokens each): in the first the flagged tokens reach 5x the
     median norm one layer later, in the second every norm is flat (a chance 4-sigma cosine outlier after a repair).
     Only the first is a high-norm defect; an image without a defective layer never is."""
-    from sinder_peft.defects import DefectAnalysis
-    from sinder_peft.direction_sources import DefectDirections
+    from sinder_peft.analysis.detection import DefectAnalysis, DefectDirections
 
     layers, height, width = 2, 5, 5
     masks = torch.zeros(3, layers, height, width, dtype=torch.bool)

@@ -10,17 +10,17 @@ import torch
 from PIL import Image
 from transformers import Dinov2Model, Dinov2WithRegistersModel
 
-from sinder_peft.defects import find_defect_tokens, singular_defect_directions
-from sinder_peft.demo import (
+from sinder_peft.analysis.detection import find_defect_tokens
+from sinder_peft.analysis.directions import singular_defect_directions
+from sinder_peft.synthetic.demo import (
     BRIGHTNESS_LEVEL,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     build_demo_model,
     build_planted_defect_model,
     demo_image_paths,
     demo_images,
     generate_demo_image,
 )
+from sinder_peft.tuner.architectures import IMAGENET_MEAN, IMAGENET_STD
 
 
 def to_pixel_values(images: list[Image.Image]) -> torch.Tensor:

@@ -15,11 +15,12 @@ from conftest import REPO_ROOT
 from PIL import Image
 from transformers import ConvNextConfig, ConvNextModel
 
-from sinder_peft.data import prepare_image
-from sinder_peft.defects import find_defect_tokens, singular_defect_directions
-from sinder_peft.demo import build_demo_model, demo_image_paths
-from sinder_peft.diagnose import add_parser, diagnose, run
-from sinder_peft.loading import ImageNormalization
+from sinder_peft.analysis.detection import find_defect_tokens
+from sinder_peft.analysis.directions import singular_defect_directions
+from sinder_peft.images.preprocessing import prepare_image
+from sinder_peft.jobs.diagnose import add_parser, diagnose, run
+from sinder_peft.synthetic.demo import build_demo_model, demo_image_paths
+from sinder_peft.tuner.architectures import ImageNormalization
 
 RESOLUTION = 224
 
@@ -165,7 +166,7 @@ def test_example_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys:
 def test_diagnose_with_registers_skips_register_tokens(tmp_path: Path) -> None:
     """A Dinov2WithRegistersModel: the patch grid leaves out CLS and the 4 registers, and the planted defect tokens
     (the bright patches) are found at the planted layer."""
-    from sinder_peft.demo import build_planted_defect_model
+    from sinder_peft.synthetic.demo import build_planted_defect_model
 
     planted = build_planted_defect_model(num_register_tokens=4)
     planted.model.save_pretrained(tmp_path / "registers")

@@ -15,29 +15,25 @@ from test_trainer import launch_two_processes
 from transformers import AutoModel
 
 from sinder_peft import find_defect_tokens, singular_defect_directions
-from sinder_peft.demo import build_demo_model, generate_demo_image
-from sinder_peft.diagnose import diagnose
-from sinder_peft.direction_sources import (
+from sinder_peft.analysis.detection import (
     AUTO_COSINE_THRESHOLD,
     DefectDirections,
     choose_direction,
     data_direction,
     high_norm_token_mask,
-    load_directions,
-    save_directions,
 )
-from sinder_peft.evaluate import EvaluationArguments, evaluate_models
-from sinder_peft.loading import ImageNormalization
-from sinder_peft.planting import (
-    build_planted_model,
-    build_random_planted_dinov2,
-    build_sparse_unit_dinov2,
-    save_planted_model,
-    spot_pixel_values,
-)
-from sinder_peft.preservation import clean_token_mask, output_features
-from sinder_peft.repair import RepairArguments, repair
-from sinder_peft.trainer import TrainingArguments
+from sinder_peft.analysis.direction_files import load_directions, save_directions
+from sinder_peft.analysis.preservation import clean_token_mask, output_features
+from sinder_peft.evaluation.arguments import EvaluationArguments
+from sinder_peft.evaluation.evaluate import evaluate_models
+from sinder_peft.jobs.diagnose import diagnose
+from sinder_peft.jobs.repair import repair
+from sinder_peft.jobs.repair_arguments import RepairArguments
+from sinder_peft.synthetic.demo import build_demo_model, generate_demo_image
+from sinder_peft.synthetic.planting import build_planted_model, save_planted_model, spot_pixel_values
+from sinder_peft.synthetic.random_planting import build_random_planted_dinov2, build_sparse_unit_dinov2
+from sinder_peft.training.arguments import TrainingArguments
+from sinder_peft.tuner.architectures import ImageNormalization
 
 HELD_OUT_SEEDS = range(500, 510)
 TRAINING_IMAGES = 18
@@ -254,7 +250,7 @@ def test_auto_repairs_what_the_weights_miss(name: str, tmp_path: Path, training_
 def test_weights_leave_the_miss_and_say_so(tmp_path: Path, training_images: Path) -> None:
     """With `--directions weights` the sparse unit's defect stays: no step is taken, no model is written, the run
     ends after one pass over the 18 images, and the summary names the high-norm tokens instead of "no defect"."""
-    from sinder_peft.repair import summary_text
+    from sinder_peft.jobs.repair_report import summary_text
 
     planted = build_sparse_unit_dinov2(seed=0)
     source = save_planted_model(planted, tmp_path / "source")
@@ -357,7 +353,8 @@ def test_resume_reuses_the_saved_directions(
 ) -> None:
     """A resumed repair takes its directions from the checkpoint as they are: the base model's weights' directions
     are not computed again (only the merged model's, for the report), and report.json records the same choice."""
-    import sinder_peft.repair as repair_module
+    import sinder_peft.jobs.repair_export as repair_export
+    import sinder_peft.jobs.repair_setup as repair_setup
 
     planted = build_sparse_unit_dinov2(seed=0)
     source = save_planted_model(planted, tmp_path / "source")
@@ -366,13 +363,14 @@ def test_resume_reuses_the_saved_directions(
     first = repair(arguments, TrainingArguments(max_steps=1, save_every=1))
     assert first.state.stop_reason == "max_steps"
     calls: list[int] = []
-    original = repair_module.compute_directions
+    original = repair_setup.compute_directions
 
     def counting(model: torch.nn.Module) -> list[torch.Tensor]:
         calls.append(1)
         return original(model)
 
-    monkeypatch.setattr(repair_module, "compute_directions", counting)
+    monkeypatch.setattr(repair_setup, "compute_directions", counting)
+    monkeypatch.setattr(repair_export, "compute_directions", counting)
     resumed = repair(
         RepairArguments(
             model=str(source), data=str(training_images), resolution=224, output_dir=str(run), resume=str(run)
@@ -384,7 +382,7 @@ def test_resume_reuses_the_saved_directions(
 
 
 def test_stop_window_is_capped_by_the_dataset() -> None:
-    from sinder_peft.trainer import capped_stop_window
+    from sinder_peft.training.trainer import capped_stop_window
 
     class Sized(torch.utils.data.Dataset):
         def __init__(self, size: int) -> None:

@@ -18,12 +18,13 @@ from test_benchmarks import load_benchmark
 from test_trainer import launch_two_processes
 
 from sinder_peft.cli import main as cli_main
-from sinder_peft.data import load_image, prepare_image
-from sinder_peft.demo import build_demo_model, demo_image_paths
-from sinder_peft.evaluate import EvaluationArguments, evaluate_models, run_evaluation
-from sinder_peft.evaluation_data import load_classification_data, load_segmentation_data, prepare_mask
-from sinder_peft.features import model_fingerprint, shard_positions
-from sinder_peft.loading import ImageNormalization
+from sinder_peft.evaluation.arguments import EvaluationArguments
+from sinder_peft.evaluation.datasets import load_classification_data, load_segmentation_data, prepare_mask
+from sinder_peft.evaluation.evaluate import evaluate_models, run_evaluation
+from sinder_peft.evaluation.features import model_fingerprint, shard_positions
+from sinder_peft.images.preprocessing import load_image, prepare_image
+from sinder_peft.synthetic.demo import build_demo_model, demo_image_paths
+from sinder_peft.tuner.architectures import ImageNormalization
 
 PALETTE = np.array([(190, 50, 50), (50, 160, 70), (60, 80, 190), (180, 170, 50)], dtype=np.float64)
 KNN_CLASSES, SEG_CLASSES = 4, 3
@@ -400,8 +401,9 @@ def test_repair_ends_with_an_evaluation_of_the_original_and_the_repaired_model(
 ) -> None:
     """`sinder repair --evaluate-knn-data ... --evaluate-seg-data ...`: both models evaluated after the repair, the
     result in report.json and evaluation/; a wrong layout fails before training, with nothing written."""
-    from sinder_peft.repair import RepairArguments, repair
-    from sinder_peft.trainer import TrainingArguments
+    from sinder_peft.jobs.repair import repair
+    from sinder_peft.jobs.repair_arguments import RepairArguments
+    from sinder_peft.training.arguments import TrainingArguments
 
     run = tmp_path / "run"
     arguments = RepairArguments(

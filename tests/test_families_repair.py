@@ -1,11 +1,11 @@
 """The whole repair, as a user runs it, on a planted-defect model of every ViT family: directory in, directory out.
 
-Each model is saved with its family's image processor (`planting.save_planted_model`), repaired by `repair()` on
-images with white spots on its own patch grid, at 224 px with the same hyperparameters for every family (the paper's
-learning rate), with both recipes. It must come out with its last-layer max/median token norm from >= 40 down to
-<= 5, its image processor and its own class; with the `preserve` recipe its clean tokens must also stay in place
-(cosine >= 0.95), which the paper's additive shifts do not achieve on every family (DINOv3 and Depth Anything here:
-see docs/method.md §7). One fresh process that never imports sinder_peft reloads every repaired model.
+Each model is saved with its family's image processor (`synthetic.planting.save_planted_model`), repaired by
+`repair()` on images with white spots on its own patch grid, at 224 px with the same hyperparameters for every family
+(the paper's learning rate), with both recipes. It must come out with its last-layer max/median token norm from >= 40
+down to <= 5, its image processor and its own class; with the `preserve` recipe its clean tokens must also stay in
+place (cosine >= 0.95), which the paper's additive shifts do not achieve on every family (DINOv3 and Depth Anything
+here: see docs/method.md §7). One fresh process that never imports sinder_peft reloads every repaired model.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, run_python
 
-from sinder_peft.planting import build_planted_model, generate_spot_image, save_planted_model
-from sinder_peft.repair import RepairArguments, repair
-from sinder_peft.trainer import TrainingArguments
+from sinder_peft.jobs.repair import repair
+from sinder_peft.jobs.repair_arguments import RepairArguments
+from sinder_peft.synthetic.planting import build_planted_model, generate_spot_image, save_planted_model
+from sinder_peft.training.arguments import TrainingArguments
 
 FAMILIES = ["dinov3", "dinov3_gated", "clip_vision", "clip", "siglip", "siglip2", "vit", "deit", "depth_anything"]
 """Every family but DINOv2 (whose repair the other test files cover), and two wrappers (CLIPModel, DepthAnything)."""
@@ -100,8 +101,8 @@ assert not any(name.startswith("sinder_peft") for name in sys.modules)
 def test_diagnose_and_evaluate_read_every_family(repaired: dict, family: str, tmp_path: Path) -> None:
     """`sinder diagnose` finds the planted defect of the source model; `sinder evaluate` compares the defect figures
     of the source and its repair side by side."""
-    from sinder_peft.diagnose import diagnose
-    from sinder_peft.evaluate import evaluate
+    from sinder_peft.evaluation.evaluate import evaluate
+    from sinder_peft.jobs.diagnose import diagnose
 
     result = repaired[family, "preserve"]
     images = result["run"].parent / "images"

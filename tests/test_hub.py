@@ -1,4 +1,5 @@
-"""Tests for sinder_peft.hub: the model card of a repaired model, its upload, and loading it back from a Hub cache.
+"""Tests for `sinder_peft.models.hub`: the model card of a repaired model, its upload, and loading it back from a Hub
+cache.
 
 Uploads go to `fake_hub.FakeHub`, a small HTTP server on 127.0.0.1 that imitates the Hub endpoints `create_repo` and
 `upload_folder` use and decodes the files the client sends; nothing leaves the machine.
@@ -21,7 +22,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 from transformers import AutoImageProcessor, BitImageProcessorPil, Dinov2Model
 
-from sinder_peft.hub import (
+from sinder_peft.models.hub import (
     RepairCard,
     format_duration,
     format_layers,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sinder_peft.loss import (
+from sinder_peft.training.loss import (
     feature_preservation_loss,
     gaussian_kernel,
     neighbourhood_targets,

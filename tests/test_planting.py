@@ -1,4 +1,4 @@
-"""Planted-defect models of every ViT family (`sinder_peft.planting`): the trigger, the recovered direction, the
+"""Planted-defect models of every ViT family (`synthetic.planting`): the trigger, the recovered direction, the
 detected tokens, and the saved model with its image processor."""
 
 from __future__ import annotations
@@ -10,17 +10,17 @@ import pytest
 import torch
 from transformers import AutoImageProcessor
 
-from sinder_peft.architectures import describe_model, patchify, unwrap_backbone
-from sinder_peft.defects import find_defect_tokens, singular_defect_directions
-from sinder_peft.demo import generate_demo_image
-from sinder_peft.planting import (
-    PLANTED_FAMILIES,
+from sinder_peft.analysis.detection import find_defect_tokens
+from sinder_peft.analysis.directions import singular_defect_directions
+from sinder_peft.synthetic.demo import generate_demo_image
+from sinder_peft.synthetic.planting import (
     build_planted_model,
-    default_patch_size,
     generate_spot_image,
     save_planted_model,
     spot_pixel_values,
 )
+from sinder_peft.synthetic.tiny_models import PLANTED_FAMILIES, default_patch_size
+from sinder_peft.tuner.architectures import describe_model, patchify, unwrap_backbone
 
 IMAGE_SEEDS = tuple(range(6))
 

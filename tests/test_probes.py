@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from sinder_peft.probes import (
+from sinder_peft.evaluation.probes import (
     IGNORE_INDEX,
     LinearSegmentationProbe,
     confusion_matrix,

@@ -17,13 +17,15 @@ import torch
 from conftest import REPO_ROOT, run_python
 from peft import PeftModel
 
-from sinder_peft.data import normalize_image
-from sinder_peft.defects import find_defect_tokens, singular_defect_directions
-from sinder_peft.demo import build_demo_model, generate_demo_image
-from sinder_peft.planting import build_random_planted_dinov2
-from sinder_peft.preservation import clean_token_cosine, clean_token_mask, output_features
-from sinder_peft.repair import RepairArguments, repair
-from sinder_peft.trainer import TrainingArguments
+from sinder_peft.analysis.detection import find_defect_tokens
+from sinder_peft.analysis.directions import singular_defect_directions
+from sinder_peft.analysis.preservation import clean_token_cosine, clean_token_mask, output_features
+from sinder_peft.images.preprocessing import normalize_image
+from sinder_peft.jobs.repair import repair
+from sinder_peft.jobs.repair_arguments import RepairArguments
+from sinder_peft.synthetic.demo import build_demo_model, generate_demo_image
+from sinder_peft.synthetic.random_planting import build_random_planted_dinov2
+from sinder_peft.training.arguments import TrainingArguments
 
 TRAIN_SEEDS = range(300, 324)
 HELD_OUT_SEEDS = range(2000, 2008)
@@ -96,7 +98,7 @@ def test_a_log_shift_adapter_reloads_to_the_merged_model_in_a_fresh_process(tmp_
 import torch, sinder_peft
 from peft import PeftModel
 from transformers import Dinov2Model
-from sinder_peft.demo import build_demo_model
+from sinder_peft.synthetic.demo import build_demo_model
 model = PeftModel.from_pretrained(build_demo_model(), {str(tmp_path / "run" / "adapter")!r}).merge_and_unload()
 expected = Dinov2Model.from_pretrained({str(tmp_path / "run" / "model")!r}).state_dict()
 state = model.state_dict()

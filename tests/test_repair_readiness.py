@@ -19,11 +19,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import BitImageProcessor
 
-from sinder_peft.data import prepare_image
-from sinder_peft.demo import build_demo_model, demo_image_paths
-from sinder_peft.loading import IMAGENET_MEAN, IMAGENET_STD, ImageNormalization
-from sinder_peft.repair import RepairArguments, repair
-from sinder_peft.trainer import TrainingArguments
+from sinder_peft.images.preprocessing import prepare_image
+from sinder_peft.jobs.repair import repair
+from sinder_peft.jobs.repair_arguments import RepairArguments
+from sinder_peft.synthetic.demo import build_demo_model, demo_image_paths
+from sinder_peft.training.arguments import TrainingArguments
+from sinder_peft.tuner.architectures import IMAGENET_MEAN, IMAGENET_STD, ImageNormalization
 
 CLASSES = 40
 IMAGES_PER_CLASS = 50
@@ -56,7 +57,7 @@ def audit(event, arguments):
     if event == "open" and isinstance(arguments[0], str) and arguments[0].startswith({str(tree)!r}):
         opened.add(arguments[0])
 sys.addaudithook(audit)
-from sinder_peft.repair import main
+from sinder_peft.jobs.repair import main
 code = main(["--data", {str(tree)!r}, "--output-dir", {str(tmp_path / "run")!r}, "--max-steps", "5",
              "--stop-window", "1000", "--lr", "0.0005"])
 json.dump({{"code": code, "opened": sorted(opened)}}, open({str(tmp_path / "opened.json")!r}, "w"))
@@ -78,7 +79,8 @@ SHARE_SCRIPT = """
 import json, sys, torch
 from accelerate import Accelerator
 from torch.utils.data import get_worker_info
-from sinder_peft.data import HFImageIterableDataset, ImageFolderDataset, epoch_batches
+from sinder_peft.images.datasets import HFImageIterableDataset, ImageFolderDataset
+from sinder_peft.images.batching import epoch_batches
 
 class Recording(ImageFolderDataset):
     def __getitem__(self, index):
@@ -292,7 +294,7 @@ assert next(model.parameters()).dtype == torch.bfloat16
 def test_a_resolution_that_is_not_a_multiple_of_the_patch_size(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level("WARNING", logger="sinder_peft.repair"):
+    with caplog.at_level("WARNING", logger="sinder_peft.jobs.repair_setup"):
         result = repair(
             RepairArguments(output_dir=str(tmp_path / "run"), resolution=230), TrainingArguments(max_steps=1)
         )

@@ -21,12 +21,15 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sinder_peft import SinderLinear
-from sinder_peft.data import build_dataset, collate_images
-from sinder_peft.demo import build_demo_model, build_planted_defect_model, demo_image_paths
-from sinder_peft.loss import smooth_neighbourhood_loss
-from sinder_peft.repair import RepairArguments, repair
-from sinder_peft.trainer import SinderTrainer, TrainingArguments, build_sinder_model, compute_directions
-from sinder_peft.window import DefectSearch, select_layers_to_transform
+from sinder_peft.images.batching import collate_images
+from sinder_peft.images.datasets import build_dataset
+from sinder_peft.jobs.repair import repair
+from sinder_peft.jobs.repair_arguments import RepairArguments
+from sinder_peft.synthetic.demo import build_demo_model, build_planted_defect_model, demo_image_paths
+from sinder_peft.training.arguments import TrainingArguments
+from sinder_peft.training.loss import smooth_neighbourhood_loss
+from sinder_peft.training.trainer import SinderTrainer, build_sinder_model, compute_directions
+from sinder_peft.training.window_loss import DefectSearch, select_layers_to_transform
 
 
 def demo_batch(count: int = 3) -> torch.Tensor:
@@ -260,7 +263,7 @@ def test_batch_size_three_repairs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("poisoned", ["loss", "gradient"])
 def test_non_finite_loss_skips_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, poisoned: str) -> None:
-    import sinder_peft.window as window_module
+    import sinder_peft.training.window_loss as window_module
 
     trainer = make_trainer(tmp_path, layers=[0, 1, 2, 3, 4, 5])
     before = [p.detach().clone() for p in trainer.parameters]
@@ -422,9 +425,11 @@ from accelerate import Accelerator
 from PIL import Image
 sys.path.insert(0, {str(REPO_ROOT / "tests")!r})
 from test_trainer import demo_batch
-from sinder_peft.data import build_dataset, collate_images
-from sinder_peft.demo import build_demo_model
-from sinder_peft.trainer import SinderTrainer, TrainingArguments, build_sinder_model, compute_directions
+from sinder_peft.images.datasets import build_dataset
+from sinder_peft.images.batching import collate_images
+from sinder_peft.synthetic.demo import build_demo_model
+from sinder_peft.training.trainer import SinderTrainer, build_sinder_model, compute_directions
+from sinder_peft.training.arguments import TrainingArguments
 
 accelerator = Accelerator()
 assert accelerator.num_processes == 2
@@ -531,7 +536,7 @@ def test_images_with_different_defective_layers_in_one_batch(tmp_path: Path, mon
     its own window (blocks 0-2 and 10-12), not the blocks between (3-9) or after (13). Image 0 leaves the search
     after layer 2, so blocks 3-12 run on image 1 alone; running the windows again (a search without autograd) gives
     the same loss and gradients."""
-    import sinder_peft.window as window_module
+    import sinder_peft.analysis.detection as detection_module
 
     planted = build_planted_defect_model(num_layers=14, defect_layer=2)
     directions = compute_directions(planted.model)
@@ -539,7 +544,7 @@ def test_images_with_different_defective_layers_in_one_batch(tmp_path: Path, mon
     arguments = TrainingArguments(limit_layers=3, save_every=0)
     trainer = SinderTrainer(model, directions, arguments, Accelerator(cpu=True), tmp_path / "checkpoints")
 
-    real_mask = window_module.defect_token_mask
+    real_mask = detection_module.defect_token_mask
     calls = {"layer": 0, "late": [False, True]}
 
     def mask_with_late_images(cosines: torch.Tensor, mask_thr: float, border: int) -> torch.Tensor:
@@ -551,7 +556,7 @@ def test_images_with_different_defective_layers_in_one_batch(tmp_path: Path, mon
         calls["layer"] += 1
         return mask
 
-    monkeypatch.setattr(window_module, "defect_token_mask", mask_with_late_images)
+    monkeypatch.setattr(detection_module, "defect_token_mask", mask_with_late_images)
     rows = []
     handles = [
         block.register_forward_pre_hook(lambda module, inputs: rows.append(inputs[0].shape[0]))
@@ -639,7 +644,7 @@ def test_fp16_mixed_precision_is_refused(tmp_path: Path, fresh_accelerate_state:
 
 
 def test_repair_command_passes_mixed_precision_to_accelerate(tmp_path: Path, fresh_accelerate_state: None) -> None:
-    from sinder_peft.repair import arguments_from_namespace, build_argument_parser
+    from sinder_peft.jobs.repair import arguments_from_namespace, build_argument_parser
 
     parser = build_argument_parser()
     arguments, training = arguments_from_namespace(

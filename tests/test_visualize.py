@@ -11,7 +11,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.image import AxesImage
 from PIL import Image
 
-from sinder_peft.visualize import (
+from sinder_peft.visualization.figures import (
     FIRST_DEFECTIVE_LAYER_COLOR,
     before_after_figure,
     diagnosis_figure,

@@ -1,0 +1,121 @@
+"""The settings of `sinder evaluate`: one dataclass, `EvaluationArguments`, from which `HfArgumentParser` builds the
+command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..analysis.detection import DIRECTION_SOURCE_HELP, DirectionSource
+from .probes import DINOV2_KNN_KS, DINOV2_KNN_TEMPERATURE
+
+DIRECTION_SAMPLE_IMAGES = 16
+"""The defect images on which each model's directions are chosen (`--directions`), the first ones of the data."""
+
+
+@dataclass
+class EvaluationArguments:
+    """The settings of an evaluation; each field is also a command-line flag (`--knn-data`, …)."""
+
+    output_dir: str = field(metadata={"help": "where to write evaluation.json, evaluation.md, the figures and cache/"})
+    knn_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "kNN data: a folder train/<class>/… and val/<class>/…, or a 🤗 dataset with image and label "
+            "columns (e.g. imagenet-1k)"
+        },
+    )
+    seg_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "segmentation data: a folder train|val/images and train|val/masks (PNG class indices, 255 "
+            "ignored, same stems), or a 🤗 dataset in the scene_parse_150 (ADE20k) layout"
+        },
+    )
+    defect_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "images for the defect figures (a folder or a 🤗 dataset); default: the validation images of "
+            "--seg-data, else of --knn-data"
+        },
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "where features are cached (safetensors); default: OUTPUT_DIR/cache"}
+    )
+    batch_size: int = field(default=32, metadata={"help": "images per forward pass and process"})
+    num_workers: int = field(default=2, metadata={"help": "data-loading worker processes per process (0: none)"})
+    device: str | None = field(
+        default=None, metadata={"help": "device of a single-process run (default: cuda if available, else cpu)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the subsampling and of the linear probe"})
+    train_split: str = field(default="train", metadata={"help": "training split of 🤗 datasets"})
+    val_split: str = field(default="validation", metadata={"help": "validation split of 🤗 datasets"})
+    image_column: str = field(default="image", metadata={"help": "image column of 🤗 datasets"})
+    label_column: str = field(default="label", metadata={"help": "class column of a 🤗 kNN dataset"})
+    annotation_column: str = field(default="annotation", metadata={"help": "mask column of a 🤗 segmentation dataset"})
+    knn_resolution: int = field(
+        default=224, metadata={"help": "kNN images: short side resized to this, then the centre square (pixels)"}
+    )
+    knn_k: list[int] = field(
+        default_factory=lambda: list(DINOV2_KNN_KS), metadata={"help": "numbers of neighbours to report"}
+    )
+    knn_headline_k: int = field(default=20, metadata={"help": "the k of the headline top-1 (one of --knn-k)"})
+    knn_temperature: float = field(
+        default=DINOV2_KNN_TEMPERATURE, metadata={"help": "T of the neighbour weight exp(similarity / T)"}
+    )
+    knn_max_train: int | None = field(
+        default=None, metadata={"help": "use at most this many training images (random, seeded)"}
+    )
+    knn_max_val: int | None = field(
+        default=None, metadata={"help": "use at most this many validation images (random, seeded)"}
+    )
+    seg_resolution: int = field(
+        default=224,
+        metadata={
+            "help": "segmentation images: short side resized to this, then the centre square (448 or 518 for finer "
+            "masks, at 4-5x the cost)"
+        },
+    )
+    seg_epochs: int = field(default=10, metadata={"help": "linear probe: passes over the training images"})
+    seg_lr: float = field(default=1e-3, metadata={"help": "linear probe: AdamW learning rate (cosine to 0)"})
+    seg_weight_decay: float = field(default=1e-4, metadata={"help": "linear probe: AdamW weight decay"})
+    seg_batch_size: int = field(default=16, metadata={"help": "linear probe: images per optimizer step"})
+    seg_num_classes: int | None = field(
+        default=None, metadata={"help": "number of classes (default: the largest label in the masks + 1)"}
+    )
+    seg_reduce_zero_label: bool | None = field(
+        default=None,
+        metadata={
+            "help": "ignore label 0 and shift the others down by one (true/false; default: true for a 🤗 "
+            "dataset, the ADE20k layout, false for a folder)"
+        },
+    )
+    seg_max_train: int | None = field(
+        default=None, metadata={"help": "use at most this many training images (random, seeded)"}
+    )
+    seg_max_val: int | None = field(
+        default=None, metadata={"help": "use at most this many validation images (random, seeded)"}
+    )
+    defect_resolution: int = field(
+        default=518, metadata={"help": "defect figures: short side resized to this, then the centre square"}
+    )
+    defect_max_images: int = field(
+        default=16, metadata={"help": "defect figures: at most this many images, spread over the data (0: none)"}
+    )
+    defect_split: str = field(default="validation", metadata={"help": "split of a 🤗 --defect-data"})
+    mask_thr: float = field(default=4.0, metadata={"help": "defect-token outlier threshold k (standard deviations)"})
+    min_tokens: int = field(default=3, metadata={"help": "flagged tokens from which a layer counts as defective"})
+    directions: DirectionSource = field(
+        default="auto",
+        metadata={
+            "help": DIRECTION_SOURCE_HELP + f" Chosen per model on its first {DIRECTION_SAMPLE_IMAGES} defect images."
+        },
+    )
+    norm_map_images: int = field(default=4, metadata={"help": "rows of norm_maps.png"})
+
+    def __post_init__(self) -> None:
+        if self.knn_headline_k not in self.knn_k:
+            raise ValueError(f"--knn-headline-k {self.knn_headline_k} must be one of --knn-k {self.knn_k}.")
+        positive = ("batch_size", "knn_resolution", "seg_resolution", "defect_resolution", "seg_epochs")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")

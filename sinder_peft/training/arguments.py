@@ -1,0 +1,156 @@
+"""The training hyperparameters of a repair: one dataclass, `TrainingArguments`, from which `HfArgumentParser`
+builds the command line, and the recipes' defaults (docs/method.md §7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..analysis.detection import DIRECTION_SOURCE_HELP, DIRECTION_SOURCES, DirectionSource
+from .window_loss import WindowSettings
+
+DEFAULT_STOP_WINDOW = 1000
+
+
+PAPER_LR = 0.005
+"""The paper's learning rate (SGD, momentum 0.9)."""
+
+
+PRESERVE_LR = 0.001
+"""The `preserve` recipe's learning rate: at the paper's 0.005 one step of log-scale shifts overshot on a trained
+ViT-S/14 whose defect comes from a planted sparse unit (clean-token cosine 0.92 to the model without the unit, 0.997 at
+0.001), and at 0.001 every planted model of docs/method.md §7 and §9 is still repaired, in 1-25 steps."""
+
+
+PRESERVE_NORM_GAP = 2.0
+"""The `preserve` recipe's norm gap: once the defect tokens are gone, a 4-sigma cosine outlier of a flat image is no
+longer a defect, so training stops instead of reshaping clean tokens (docs/method.md §7)."""
+
+
+@dataclass
+class TrainingArguments:
+    """Hyperparameters of the repair loop; defaults are the `preserve` recipe's, `recipe="paper"` gives the paper's
+    (docs/method.md §4, §7). Each field is also a
+    command-line flag of `sinder repair` (`transformers.HfArgumentParser` builds them from the fields)."""
+
+    recipe: Literal["paper", "preserve"] = field(
+        default="preserve",
+        metadata={
+            "help": "preserve (the default): log-scale shifts S * exp(delta), a norm gap in the defect test and lr "
+            f"{PRESERVE_LR}, which remove the defect without moving clean tokens where the paper's recipe moves them "
+            "(randomly initialised and trained models, sparse-unit defects; docs/method.md §7, §9); paper: the "
+            f"paper's exact recipe, additive singular-value shifts at lr {PAPER_LR}."
+        },
+    )
+    directions: DirectionSource = field(
+        default="auto",
+        metadata={"help": DIRECTION_SOURCE_HELP + " Chosen once, on the selection images of the base model."},
+    )
+    lr: float | None = field(
+        default=None,
+        metadata={
+            "help": f"SGD learning rate (default: the recipe's, {PRESERVE_LR} for preserve, {PAPER_LR} for paper)."
+        },
+    )
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    max_steps: int = field(
+        default=30_000, metadata={"help": "Stop after this many optimizer steps (batches with a defective image)."}
+    )
+    mask_thr: float = field(
+        default=4.0, metadata={"help": "Outlier threshold k of the defect-token test (mean + k std of |cos|)."}
+    )
+    kernel: int = field(
+        default=3,
+        metadata={"help": "Neighbourhood window of the loss; the border ring of width kernel // 2 is never flagged."},
+    )
+    limit_layers: int = field(
+        default=10, metadata={"help": "Blocks, ending at an image's defective layer, that receive its gradient."}
+    )
+    skip_less_than: int = field(
+        default=3, metadata={"help": "A layer is defective for an image from this many flagged tokens on."}
+    )
+    norm_gap: float | None = field(
+        default=None,
+        metadata={
+            "help": "A layer is defective only if a flagged token also reaches this many times the median token norm "
+            f"(default: none for the paper recipe, {PRESERVE_NORM_GAP} for preserve)."
+        },
+    )
+    stop_skip_ratio: float = field(
+        default=0.75, metadata={"help": "Stop once this share of the last --stop-window images had no defect."}
+    )
+    stop_window: int | None = field(
+        default=None,
+        metadata={"help": f"Recent images the stop rule looks at (default: {DEFAULT_STOP_WINDOW}; 6 for the demo)."},
+    )
+    temperature: float = field(default=0.1, metadata={"help": "Affinity temperature of the neighbourhood weights."})
+    preserve_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the clean-token preservation term (0: the paper's loss alone)."}
+    )
+    batch_size: int = field(default=1, metadata={"help": "Images per process and step."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data order."})
+    save_every: int = field(
+        default=500, metadata={"help": "Checkpoint every this many steps (0: only at the end and on interruption)."}
+    )
+    num_workers: int = field(default=0, metadata={"help": "Data-loading worker processes per training process."})
+
+    def __post_init__(self) -> None:
+        checks = {
+            "recipe": self.recipe in ("paper", "preserve"),
+            "directions": self.directions in DIRECTION_SOURCES,
+            "lr": self.lr is None or self.lr > 0,
+            "momentum": 0 <= self.momentum < 1,
+            "max_steps": self.max_steps >= 1,
+            "mask_thr": self.mask_thr > 0,
+            "kernel": self.kernel in (3, 5),
+            "limit_layers": self.limit_layers >= 1,
+            "skip_less_than": self.skip_less_than >= 1,
+            "norm_gap": self.norm_gap is None or self.norm_gap > 0,
+            "stop_skip_ratio": 0 < self.stop_skip_ratio <= 1,
+            "stop_window": self.stop_window is None or self.stop_window >= 1,
+            "temperature": self.temperature > 0,
+            "preserve_weight": self.preserve_weight >= 0,
+            "batch_size": self.batch_size >= 1,
+            "save_every": self.save_every >= 0,
+            "num_workers": self.num_workers >= 0,
+        }
+        invalid = [f"{name}={getattr(self, name)!r}" for name, valid in checks.items() if not valid]
+        if invalid:
+            raise ValueError(f"Invalid training arguments: {', '.join(invalid)}.")
+
+    @property
+    def shift(self) -> Literal["additive", "log"]:
+        """The adapter's shift (`SinderConfig.shift`) for the recipe."""
+        return "log" if self.recipe == "preserve" else "additive"
+
+    @property
+    def window_settings(self) -> WindowSettings:
+        """The settings of the defect test and the loss."""
+        return WindowSettings(
+            mask_thr=self.mask_thr,
+            kernel=self.kernel,
+            limit_layers=self.limit_layers,
+            skip_less_than=self.skip_less_than,
+            temperature=self.temperature,
+            preserve_weight=self.preserve_weight,
+            norm_gap=self.resolved_norm_gap,
+        )
+
+    @property
+    def resolved_norm_gap(self) -> float | None:
+        """`norm_gap`, or the recipe's: none for `paper`, `PRESERVE_NORM_GAP` for `preserve`."""
+        if self.norm_gap is not None:
+            return self.norm_gap
+        return PRESERVE_NORM_GAP if self.recipe == "preserve" else None
+
+    @property
+    def resolved_lr(self) -> float:
+        """`lr`, or the recipe's: `PAPER_LR` for `paper`, `PRESERVE_LR` for `preserve`."""
+        if self.lr is not None:
+            return self.lr
+        return PRESERVE_LR if self.recipe == "preserve" else PAPER_LR
+
+    @property
+    def resolved_stop_window(self) -> int:
+        """`stop_window`, or the paper's 1000 when it is None."""
+        return self.stop_window if self.stop_window is not None else DEFAULT_STOP_WINDOW

@@ -33,9 +33,10 @@ from .images.preprocessing import prepare_image
 from .jobs.diagnose import diagnose
 from .jobs.repair import RepairResult, repair
 from .jobs.repair_arguments import RepairArguments
-from .models.conversion import convert_checkpoint, export_original_checkpoint, load_original_checkpoint
+from .models.conversion import convert_checkpoint
 from .models.hub import HubUploadError
 from .models.loading import ModelNotAvailableError, load_backbone
+from .models.original_layout import export_original_checkpoint, load_original_checkpoint
 from .synthetic.demo import build_demo_model, demo_images
 from .synthetic.planting import PlantedModel, build_planted_model, save_planted_model
 from .training.arguments import TrainingArguments

@@ -1,4 +1,4 @@
-"""Tests for sinder_peft.models.conversion: original DINOv2 layout <-> transformers DINOv2 models.
+"""Tests for `models.original_layout` and `models.conversion`: original DINOv2 layout <-> transformers DINOv2 models.
 
 The reference is an independent re-implementation, written here, of the original repository's forward pass
 (`DinoVisionTransformer.forward_features`: patch convolution, CLS token, position embeddings, registers inserted after
@@ -33,9 +33,8 @@ from transformers import (
     Dinov2WithRegistersModel,
 )
 
-from sinder_peft.models.conversion import (
-    add_parser,
-    convert_checkpoint,
+from sinder_peft.models.conversion import add_parser, convert_checkpoint
+from sinder_peft.models.original_layout import (
     export_original_checkpoint,
     infer_original_config,
     load_original_checkpoint,

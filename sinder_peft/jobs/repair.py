@@ -33,11 +33,7 @@ from transformers import HfArgumentParser
 from ..models.hub import HubUploadError
 from ..models.loading import DEMO_MODEL_NAME, ModelNotAvailableError
 from ..training.arguments import TrainingArguments
-from ..training.distributed import (
-    FailedOnAnotherProcess,
-    run_on_every_process,
-    run_on_main_process,
-)
+from ..training.distributed import FailedOnAnotherProcess, run_on_every_process, run_on_main_process
 from ..training.state import TrainerState
 from ..training.trainer import SinderTrainer
 from .repair_arguments import DEFAULT_RESOLUTION, DEMO_RESOLUTION, DEMO_STOP_WINDOW, RepairArguments

@@ -13,12 +13,7 @@ from typing import Any
 from torch import nn
 
 from ..analysis.detection import find_defect_tokens
-from ..analysis.preservation import (
-    clean_token_cosine,
-    clean_token_mask,
-    output_features,
-    pooled_cosine,
-)
+from ..analysis.preservation import clean_token_cosine, clean_token_mask, output_features, pooled_cosine
 from ..evaluation.arguments import EvaluationArguments
 from ..evaluation.evaluate import evaluate_models
 from ..images.datasets import ImageFileDataset

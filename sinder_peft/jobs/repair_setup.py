@@ -14,10 +14,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from ..analysis.detection import DefectAnalysis, DefectDirections, find_defect_tokens
 from ..analysis.direction_files import load_directions
-from ..analysis.preservation import (
-    OutputFeatures,
-    output_features,
-)
+from ..analysis.preservation import OutputFeatures, output_features
 from ..evaluation.sections import check_evaluation_data
 from ..images.batching import ImageBatch, UnreadableImageLog, selection_sample
 from ..images.datasets import build_dataset
@@ -25,9 +22,7 @@ from ..images.preprocessing import MIN_GRID_SIDE
 from ..models.loading import load_backbone, load_model_image_processor_config
 from ..training.arguments import TrainingArguments
 from ..training.checkpoints import CHECKPOINT_ADAPTER_DIR, resolve_checkpoint
-from ..training.distributed import (
-    main_process_value,
-)
+from ..training.distributed import main_process_value
 from ..training.trainer import build_sinder_model, compute_directions
 from ..training.window_loss import select_layers_to_transform
 from ..tuner.architectures import ImageNormalization, describe_model

@@ -655,3 +655,22 @@ def test_repair_command_passes_mixed_precision_to_accelerate(tmp_path: Path, fre
     assert AcceleratorState().mixed_precision == "bf16"
     assert result.state.step == 2 and result.state.nan_steps == 0
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_progress_shows_how_much_of_the_stop_window_was_checked() -> None:
+    """The bar moves with the steps, and its postfix says how many images of the stop window were checked and how
+    many of them had no defect, also on batches without a step."""
+    from sinder_peft.training.progress import TrainingProgress
+    from sinder_peft.training.state import TrainerState
+
+    state = TrainerState(step=3, last_loss=0.25)
+    state.record_defective_layers([0.0, 2.0, 5.0])
+    with TrainingProgress(Accelerator(cpu=True), max_steps=10, initial_step=0) as progress:
+        state.record_batch(images=4, skipped=1, stop_window=6)
+        progress.report(state, {"defective": 3, "loss": 0.25}, stop_window=6)
+        assert progress.bar.n == 3
+        state.record_batch(images=4, skipped=4, stop_window=6)
+        progress.report(state, {"defective": 0, "loss": float("nan")}, stop_window=6)
+        assert progress.bar.n == 3
+        postfix = progress.bar.postfix
+    assert "checked=6/6" in postfix and "skip=0.62" in postfix and "layer=2" in postfix and "loss=0.2500" in postfix

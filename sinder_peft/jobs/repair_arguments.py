@@ -11,14 +11,8 @@ from ..evaluation.arguments import EvaluationArguments
 from ..models.loading import DEMO_MODEL_NAME
 
 DEFAULT_RESOLUTION = 518
-
-
 DEMO_RESOLUTION = 224
-
-
 DEMO_STOP_WINDOW = 6
-
-
 MAX_LISTED_UNREADABLE = 100
 
 

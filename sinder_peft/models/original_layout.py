@@ -37,34 +37,26 @@ from ..tuner.layer import effective_linear_weight
 
 logger = logging.getLogger(__name__)
 
-
 # Keys under which training scripts nest the weights, tried in this order ({"model": {"teacher.backbone.…"}}, …).
 WRAPPER_KEYS: tuple[str, ...] = ("model", "state_dict", "teacher")
-
 
 # Prefixes removed from every key (distributed wrappers).
 STRIPPED_PREFIXES: tuple[str, ...] = ("module.",)
 
-
 # Prefixes that mark the backbone inside a training checkpoint; keys outside them (heads, student) are dropped.
 BACKBONE_PREFIXES: tuple[str, ...] = ("teacher.backbone.", "backbone.")
-
 
 # DINOv2 uses 64-dimensional attention heads in every released size (S/14: 6 heads, B: 12, L: 16, g: 24).
 HEAD_DIM = 64
 
-
 # LayerNorm epsilon of the original DinoVisionTransformer (`partial(nn.LayerNorm, eps=1e-6)`).
 LAYER_NORM_EPS = 1e-6
-
 
 # Largest integer `mlp_ratio` tried when inferring the MLP width (released models use 4).
 MAX_MLP_RATIO = 64
 
-
 # How many key names an error message lists per category before summarizing the rest.
 MAX_LISTED_KEYS = 20
-
 
 # original key (outside the blocks) -> transformers key
 _EMBEDDING_KEYS: dict[str, str] = {
@@ -77,7 +69,6 @@ _EMBEDDING_KEYS: dict[str, str] = {
     "norm.weight": "layernorm.weight",
     "norm.bias": "layernorm.bias",
 }
-
 
 # original key inside `blocks.{i}.` -> transformers key(s) inside `encoder.layer.{i}.`; several targets are stacked
 # along dim 0 in the original, in this order (query, key, value; gate, up).
@@ -101,23 +92,11 @@ _BLOCK_KEYS: dict[str, tuple[str, ...]] = {
     "mlp.w3.bias": ("mlp.down_proj.bias",),
     "ls2.gamma": ("layer_scale2.lambda1",),
 }
-
-
 _GELU_MLP_KEYS: tuple[str, ...] = ("mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
-
-
 _SWIGLU_MLP_KEYS: tuple[str, ...] = ("mlp.w12.weight", "mlp.w12.bias", "mlp.w3.weight", "mlp.w3.bias")
-
-
 _LAYER_SCALE_KEYS: tuple[str, ...] = ("ls1.gamma", "ls2.gamma")
-
-
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-
 _CHUNKED_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
-
-
 DinoV2Backbone = Dinov2Model | Dinov2WithRegistersModel
 
 

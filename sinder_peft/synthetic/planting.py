@@ -53,35 +53,15 @@ from .tiny_models import build_tiny_model, default_patch_size, tiny_image_proces
 
 # Scales of the construction, those of the demo (see `sinder_peft.synthetic.demo` for why they are what they are).
 _BRIGHTNESS_GAIN = 2.0  # α under the ImageNet normalization (see `brightness_gain`)
-
-
 _PLANT_READ = 7.0  # κ
-
-
 _PLANT_WRITE = 7.0  # β
-
-
 _SILENT_READ = 1.0
-
-
 _SILENT_WRITE = 10.0
-
-
 _BIAS_STD = 0.02
-
-
 _EMBEDDING_STD = 0.004
-
-
 _TOKEN_STD = 0.1
-
-
 _DEFECT_SPREAD = 0.3
-
-
 _LAYER_SCALE_RANGE = (0.1, 1.0)
-
-
 _CLIP_PRE_NORM_OFFSET = 1000.0  # R
 
 
@@ -144,8 +124,6 @@ class _EmbeddingLayout:
 
 
 _DINO_PROJECTION = "embeddings.patch_embeddings.projection"
-
-
 _EMBEDDING_LAYOUTS: dict[str, _EmbeddingLayout] = {
     "dinov2": _EmbeddingLayout(_DINO_PROJECTION, "embeddings.position_embeddings", 1, ("embeddings.cls_token",)),
     "dinov2_with_registers": _EmbeddingLayout(

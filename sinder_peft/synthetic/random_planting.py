@@ -15,24 +15,13 @@ from .tiny_models import MLP_RATIO, NUM_HEADS, tiny_image_processor
 
 # Scales of `build_random_planted_dinov2`: the brightness gain, the trigger unit's read and write norms.
 _HARD_BRIGHTNESS_GAIN = 4.0
-
-
 _HARD_READ_GAIN = 10.0
-
-
 _HARD_WRITE_GAIN = 128.0
-
 
 # Scales of `build_sparse_unit_dinov2`: the unit fires where the normed token's d-coordinate exceeds 60 / 10 = 6.
 _SPARSE_BRIGHTNESS_GAIN = 16.0
-
-
 _SPARSE_READ_GAIN = 10.0
-
-
 _SPARSE_THRESHOLD = 60.0
-
-
 _SPARSE_WRITE_GAIN = 400.0
 
 

@@ -30,11 +30,7 @@ PLANTED_FAMILIES: tuple[str, ...] = (
 )
 """Families `build_planted_model` builds: the bare backbone of each supported family (DINOv2 in its three block
 kinds), and models holding one (`Dinov2Backbone`, `DepthAnythingForDepthEstimation`, `CLIPModel`)."""
-
-
 NUM_HEADS = 4
-
-
 MLP_RATIO = 4
 
 

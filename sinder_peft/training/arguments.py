@@ -10,18 +10,12 @@ from ..analysis.detection import DIRECTION_SOURCE_HELP, DIRECTION_SOURCES, Direc
 from .window_loss import WindowSettings
 
 DEFAULT_STOP_WINDOW = 1000
-
-
 PAPER_LR = 0.005
 """The paper's learning rate (SGD, momentum 0.9)."""
-
-
 PRESERVE_LR = 0.001
 """The `preserve` recipe's learning rate: at the paper's 0.005 one step of log-scale shifts overshot on a trained
 ViT-S/14 whose defect comes from a planted sparse unit (clean-token cosine 0.92 to the model without the unit, 0.997 at
 0.001), and at 0.001 every planted model of docs/method.md §7 and §9 is still repaired, in 1-25 steps."""
-
-
 PRESERVE_NORM_GAP = 2.0
 """The `preserve` recipe's norm gap: once the defect tokens are gone, a 4-sigma cosine outlier of a flat image is no
 longer a defect, so training stops instead of reshaping clean tokens (docs/method.md §7)."""

@@ -35,7 +35,6 @@ from accelerate.utils import gather_object
 from peft import PeftModel, get_peft_model
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
-from tqdm.auto import tqdm
 
 from ..analysis.detection import DefectDirections
 from ..analysis.directions import singular_defect_directions
@@ -53,6 +52,7 @@ from .distributed import (
     sum_over_processes,
 )
 from .interruption import InterruptionHandler
+from .progress import TrainingProgress
 from .state import TrainerState
 from .window_loss import BatchLoss, WindowLoss, gradient_window
 
@@ -243,13 +243,7 @@ class SinderTrainer:
         """
         args = self.args
         stop_window = capped_stop_window(args.resolved_stop_window, dataset)
-        progress = tqdm(
-            total=args.max_steps,
-            initial=self.state.step,
-            desc="SINDER repair",
-            unit="step",
-            disable=not self.accelerator.is_main_process,
-        )
+        progress = TrainingProgress(self.accelerator, args.max_steps, self.state.step)
         started = time.perf_counter() - self.state.seconds
         last_saved = self.state.step
         with self.interruption, progress:
@@ -272,7 +266,7 @@ class SinderTrainer:
                     result = self.training_step(batch.pixel_values, batch.unreadable)
                     self.state.record_batch(int(result["images"]), int(result["skipped"]), stop_window)
                     self.state.seconds = time.perf_counter() - started
-                    self._report(progress, result, stop_window)
+                    progress.report(self.state, result, stop_window)
                     for callback in self.callbacks:
                         callback(self.state)
                     self.state.stop_reason = self.state.next_stop_reason(
@@ -295,31 +289,6 @@ class SinderTrainer:
                     self.state.batches_in_epoch = 0
         self.save_checkpoint()
         return self.state
-
-    def _report(self, progress: tqdm, result: dict[str, float], stop_window: int) -> None:
-        """Update the progress bar (main process) and the Accelerate trackers with one step's numbers.
-
-        The bar counts steps; its postfix shows how many images the stop rule has checked of its window
-        (`checked`) and the share of them without defect (`skip`), so that a long stretch without a defective
-        image, where no step is taken, still moves.
-        """
-        ratio, window_images = self.state.recent_skip_ratio()
-        if result["defective"] > 0:
-            progress.update(self.state.step - progress.n)
-        layers = self.state.defective_layers
-        latest_layer = max(layers, key=lambda key: layers[key]) if layers else "-"
-        progress.set_postfix(
-            loss=f"{self.state.last_loss:.4f}" if self.state.last_loss is not None else "-",
-            layer=latest_layer,
-            checked=f"{min(window_images, stop_window)}/{stop_window}",
-            skip=f"{ratio:.2f}",
-            images=self.state.images_seen,
-        )
-        if result["defective"] > 0 and not math.isnan(result["loss"]):
-            self.accelerator.log(
-                {"loss": result["loss"], "skip_ratio": ratio, "images_seen": self.state.images_seen},
-                step=self.state.step,
-            )
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of the current step on the main process (`checkpoints.write_checkpoint`) while the

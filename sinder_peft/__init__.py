@@ -33,10 +33,14 @@ from .images.preprocessing import prepare_image
 from .jobs.diagnose import diagnose
 from .jobs.repair import RepairResult, repair
 from .jobs.repair_arguments import RepairArguments
-from .models.conversion import convert_checkpoint
+from .models.conversion import convert_checkpoint, convert_model
 from .models.hub import HubUploadError
 from .models.loading import ModelNotAvailableError, load_backbone
+from .models.open_clip_conversion import open_clip_to_transformers, transformers_to_open_clip
+from .models.open_clip_loading import load_open_clip_model, save_open_clip_model
 from .models.original_layout import export_original_checkpoint, load_original_checkpoint
+from .models.timm_conversion import timm_to_transformers, transformers_to_timm
+from .models.timm_loading import load_timm_model, save_timm_model
 from .synthetic.demo import build_demo_model, demo_images
 from .synthetic.planting import PlantedModel, build_planted_model, save_planted_model
 from .training.arguments import TrainingArguments
@@ -84,6 +88,7 @@ __all__ = [
     "build_planted_model",
     "build_sinder_model",
     "convert_checkpoint",
+    "convert_model",
     "defect_token_mask",
     "demo_images",
     "describe_model",
@@ -98,12 +103,20 @@ __all__ = [
     "high_norm_token_mask",
     "load_backbone",
     "load_directions",
+    "load_open_clip_model",
     "load_original_checkpoint",
+    "load_timm_model",
+    "open_clip_to_transformers",
     "prepare_image",
     "repair",
     "save_directions",
+    "save_open_clip_model",
     "save_planted_model",
+    "save_timm_model",
     "singular_defect_directions",
     "smooth_neighbourhood_loss",
+    "timm_to_transformers",
+    "transformers_to_open_clip",
+    "transformers_to_timm",
     "unwrap_backbone",
 ]

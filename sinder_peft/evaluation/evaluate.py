@@ -289,7 +289,11 @@ def build_argument_parser(**kwargs: Any) -> HfArgumentParser:
     """Return the parser of `sinder evaluate`: MODEL [MODEL ...] and one flag per `EvaluationArguments` field."""
     parser = HfArgumentParser(EvaluationArguments, **kwargs)
     parser.add_argument(
-        "models", nargs="+", metavar="MODEL", help="Hub ids (facebook/dinov2-base, ...), model directories or 'demo'"
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="Hub ids (facebook/dinov2-base, ...), model directories, 'demo', timm:NAME_OR_DIR or "
+        "open_clip:ARCH[/PRETRAINED_OR_FILE]",
     )
     return parser
 
@@ -326,7 +330,7 @@ def run(namespace: argparse.Namespace) -> int:
     try:
         models, args = arguments_from_namespace(namespace)
         results = run_evaluation(models, args)
-    except (FileNotFoundError, NotADirectoryError, ValueError, ModelNotAvailableError) as error:
+    except (FileNotFoundError, NotADirectoryError, ValueError, ModelNotAvailableError, ImportError) as error:
         print(f"sinder evaluate: error: {error}", file=sys.stderr)
         return 1
     if results:

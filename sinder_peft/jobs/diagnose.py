@@ -145,7 +145,8 @@ def diagnose(
     """Diagnose the singular defects of `model` on `images` and write the report and figures to `output_dir`.
 
     Args:
-        model: a Hub id, a local directory written by `save_pretrained`, or `"demo"` (see `load_backbone`).
+        model: a Hub id, a local directory written by `save_pretrained`, `"demo"`, or a timm or OpenCLIP model
+            (`timm:...`, `open_clip:...`; see `load_backbone`).
         images: image files or folders of images; may be empty with `model="demo"` (the bundled demo images).
         output_dir: directory for `report.json`, `NAME_diagnosis.png` per image and `layer_norms.png` (created).
         resolution: short side of the images after resizing, in pixels (cropped to whole patches).
@@ -251,7 +252,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     parser.add_argument(
-        "--model", required=True, help="Hub id (e.g. facebook/dinov2-base), a save_pretrained directory, or 'demo'"
+        "--model",
+        required=True,
+        help="Hub id (e.g. facebook/dinov2-base), a save_pretrained directory, 'demo', timm:NAME_OR_DIR or "
+        "open_clip:ARCH[/PRETRAINED_OR_FILE]",
     )
     parser.add_argument(
         "images", nargs="*", help="image files or folders of images (default with --model demo: the demo images)"
@@ -287,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
             directions=args.directions,
             device=args.device,
         )
-    except (FileNotFoundError, ValueError, ModelNotAvailableError) as error:
+    except (FileNotFoundError, ValueError, ModelNotAvailableError, ImportError) as error:
         print(f"sinder diagnose: error: {error}", file=sys.stderr)
         return 1
     print(

@@ -205,6 +205,7 @@ def run(namespace: argparse.Namespace) -> int:
         NotADirectoryError,
         ValueError,
         ModelNotAvailableError,
+        ImportError,
         HubUploadError,
     ) as error:
         print(f"sinder repair: error: {error}", file=sys.stderr)

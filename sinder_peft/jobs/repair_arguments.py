@@ -23,7 +23,10 @@ class RepairArguments:
 
     model: str = field(
         default=DEMO_MODEL_NAME,
-        metadata={"help": "Hub id (facebook/dinov2-base, ...), a local model directory, or 'demo'."},
+        metadata={
+            "help": "Hub id (facebook/dinov2-base, ...), a local model directory, 'demo', timm:NAME_OR_DIR or "
+            "open_clip:ARCH[/PRETRAINED_OR_FILE] (the result is then written in that library's format)."
+        },
     )
     output_dir: str = field(
         default="runs/sinder", metadata={"help": "Where to write model/, adapter/, report.json and figures/."}

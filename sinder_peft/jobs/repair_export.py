@@ -19,7 +19,8 @@ from ..evaluation.evaluate import evaluate_models
 from ..images.datasets import ImageFileDataset
 from ..images.preprocessing import denormalize_image
 from ..models.hub import RepairCard, push_folder_to_hub, write_model_card
-from ..models.loading import load_backbone
+from ..models.loading import TRANSFORMERS_MODEL_DIR, load_backbone
+from ..models.other_libraries import parse_model_name, save_in_source_format
 from ..models.processor import save_image_processor
 from ..training.arguments import TrainingArguments
 from ..training.state import TrainerState
@@ -149,11 +150,18 @@ def export_repair(
             ),
         )
 
-    if repaired:
+    source = parse_model_name(args.model)
+    if repaired and source.is_foreign:
+        # model/ in the source library's format, model-transformers/ the same weights as transformers loads them
+        _write_directory(output_dir / TRANSFORMERS_MODEL_DIR, write_model)
+        _write_directory(output_dir / "model", lambda directory: save_in_source_format(source, merged, directory))
+    elif repaired:
         _write_directory(output_dir / "model", write_model)
-    else:  # a model/ or adapter/ left by an earlier run in this directory (--overwrite) is not this run's result
-        for stale in ("model", "adapter"):
-            shutil.rmtree(output_dir / stale, ignore_errors=True)
+    if not repaired or not source.is_foreign:
+        # a directory left by an earlier run in this directory (--overwrite) is not this run's result
+        stale = ("model", "adapter", TRANSFORMERS_MODEL_DIR) if not repaired else (TRANSFORMERS_MODEL_DIR,)
+        for name in stale:
+            shutil.rmtree(output_dir / name, ignore_errors=True)
 
     def write_figures(directory: Path) -> None:
         directory.mkdir(parents=True)

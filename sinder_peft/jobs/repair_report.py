@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis.detection import DEFECT_NORM_GAP, DefectAnalysis
+from ..models.other_libraries import OPEN_CLIP_FILE, parse_model_name
 
 
 def analysis_summary(analysis: DefectAnalysis) -> dict[str, Any]:
@@ -134,5 +135,23 @@ def summary_text(report: dict[str, Any], output_dir: Path) -> str:
         f"  directions: {directions}\n"
         f"  mean cosine to the original: clean tokens {report['clean_token_cosine']:.3f}, CLS "
         f"{report['cls_cosine']:.3f}\n"
-        f"Outputs in {output_dir}: model/ (AutoModel.from_pretrained), adapter/, report.json, figures/"
+        f"Outputs in {output_dir}: {_model_outputs(report['model'], output_dir)}, adapter/, report.json, figures/"
     )
+
+
+def _model_outputs(model: str, output_dir: Path) -> str:
+    """Return how the summary names the repaired model's directories, and how each is loaded, for `--model`."""
+    source = parse_model_name(model)
+    if source.library == "timm":
+        return (
+            f'model/ (timm.create_model("local-dir:{output_dir / "model"}", pretrained=True)), model-transformers/ '
+            "(AutoModel.from_pretrained)"
+        )
+    if source.library == "open_clip":
+        architecture = source.name.split("/", 1)[0]
+        checkpoint = output_dir / "model" / OPEN_CLIP_FILE
+        return (
+            f'model/{OPEN_CLIP_FILE} (open_clip.create_model_and_transforms("{architecture}", '
+            f'pretrained="{checkpoint}")), model-transformers/ (AutoModel.from_pretrained)'
+        )
+    return "model/ (AutoModel.from_pretrained)"

@@ -1,3 +1,10 @@
-"""Models in and out: loading a backbone (`loading.py`: Hub ids, local directories, `demo`), the image processor
-saved with a repaired model (`processor.py`), the model card and upload to the Hub (`hub.py`), the original
-DINOv2 checkpoint layout in both directions (`original_layout.py`), and `sinder convert` (`conversion.py`)."""
+"""Models in and out.
+
+- `loading.py`: loading a backbone from whatever `--model` names (Hub ids, local directories, `demo`, and, through
+  `other_libraries.py`, `timm:` and `open_clip:` models);
+- `processor.py`: the image processor saved with a repaired model; `hub.py`: its model card and the upload;
+- `original_layout.py`: the original DINOv2 checkpoint layout in both directions; `conversion.py`: `sinder convert`;
+- `timm_loading.py`, `timm_links.py`, `timm_plans.py`, `timm_conversion.py`: timm models, their files and
+  preprocessing, and their exact conversion to and from transformers;
+- `open_clip_loading.py`, `open_clip_conversion.py`: the same for OpenCLIP image towers.
+"""

@@ -1,6 +1,7 @@
-"""`sinder convert`: an original-layout DINOv2 checkpoint file into a transformers model directory, with a model card
-that names its source (`convert_checkpoint`), and optionally onto the Hub. The layout mapping itself is
-`original_layout`."""
+"""`sinder convert`: a model from one format to another (`convert_model`): an original-layout DINOv2 checkpoint
+file into a transformers model directory with a card that names its source (`convert_checkpoint`), timm and
+OpenCLIP models into transformers and back, a transformers model into the original layout; optionally onto the Hub.
+The mappings themselves are `original_layout`, `timm_conversion` and `open_clip_conversion`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,21 @@ from pathlib import Path
 
 from ..version import __version__
 from .hub import push_folder_to_hub
-from .original_layout import DinoV2Backbone, describe_original_config, load_original_checkpoint
+from .loading import ModelNotAvailableError, load_backbone
+from .original_layout import (
+    DinoV2Backbone,
+    describe_original_config,
+    export_original_checkpoint,
+    load_original_checkpoint,
+)
+from .other_libraries import (
+    ModelName,
+    foreign_processor_config,
+    foreign_to_transformers,
+    load_foreign_model,
+    save_in_source_format,
+)
+from .processor import save_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -81,30 +96,102 @@ def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path, repo_id: 
     return output_dir
 
 
+CONVERSION_FORMATS: tuple[str, ...] = ("original", "transformers", "timm", "open_clip")
+"""What `sinder convert --from/--to` take: the original DINOv2 checkpoint layout, a transformers model directory, a
+timm model (NAME_OR_DIR) and an OpenCLIP model (ARCH[/PRETRAINED_OR_FILE])."""
+
+
+def convert_model(
+    source: str, output: str | Path, *, source_format: str, target_format: str, template: str | None = None
+) -> Path:
+    """Convert the model `source` (in `source_format`) to `target_format` at `output`, and return what was written.
+
+    - original -> transformers: `convert_checkpoint` (a model directory with a provenance card);
+    - timm / open_clip -> transformers: the exact conversion of `other_libraries`, saved with `save_pretrained` and
+      the image processor that reproduces the source's preprocessing;
+    - transformers -> original: `export_original_checkpoint` (a `.pth`, `.pt` or `.safetensors` file);
+    - transformers -> timm / open_clip: the weights written into `template` (a model of that library with the same
+      architecture, e.g. the one the transformers model was converted from) and saved in its own format.
+
+    Raises:
+        ValueError: for a pair of formats that has no conversion, or a missing `template`.
+    """
+    output = Path(output)
+    pair = (source_format, target_format)
+    if pair == ("original", "transformers"):
+        return convert_checkpoint(source, output)
+    if source_format in ("timm", "open_clip") and target_format == "transformers":
+        name = ModelName(source_format, source)
+        native = load_foreign_model(name)
+        converted, normalization = foreign_to_transformers(name, native)
+        converted.save_pretrained(output)
+        processor_config = foreign_processor_config(name, native)
+        save_image_processor(output, processor_config, normalization, converted.config.image_size)
+        return output
+    if source_format == "transformers" and target_format in ("original", "timm", "open_clip"):
+        model, _ = load_backbone(source)
+        if target_format == "original":
+            export_original_checkpoint(model, output)
+            return output
+        if template is None:
+            raise ValueError(
+                f"--to {target_format} needs --template: the {target_format} model of the same architecture to "
+                "write the weights into (e.g. the one the transformers model was converted from)."
+            )
+        return save_in_source_format(ModelName(target_format, template), model, output)
+    raise ValueError(
+        f"No conversion from {source_format} to {target_format}: sinder convert converts original, timm and "
+        "open_clip models to transformers, and transformers models to original, timm and open_clip."
+    )
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the `convert` subcommand on `subparsers` and return its parser (handler: `run`)."""
     parser = subparsers.add_parser(
         "convert",
-        help="convert an original DINOv2/SINDER checkpoint into a transformers model directory",
+        help="convert between the original DINOv2 layout, transformers, timm and OpenCLIP",
         description=(
-            "Convert a checkpoint in the original DINOv2 layout (torch.hub dinov2_vit*14, the published SINDER "
-            "weights) into a directory that transformers' AutoModel.from_pretrained loads."
+            "Convert a model between the original DINOv2 checkpoint layout (torch.hub dinov2_vit*14, the published "
+            "SINDER weights), transformers, timm and OpenCLIP. The default converts an original-layout checkpoint "
+            "into a directory that transformers' AutoModel.from_pretrained loads."
         ),
     )
-    parser.add_argument("checkpoint", type=Path, help="original-layout checkpoint (.pth, .pt or .safetensors)")
-    parser.add_argument("output_dir", type=Path, help="directory to write config, safetensors and model card to")
+    parser.add_argument(
+        "source",
+        help="the model: an original-layout checkpoint (.pth, .pt, .safetensors), a transformers model directory or "
+        "Hub id, a timm NAME_OR_DIR, or an OpenCLIP ARCH[/PRETRAINED_OR_FILE]",
+    )
+    parser.add_argument("output", type=Path, help="directory (or, for --to original, file) to write")
+    parser.add_argument("--from", dest="source_format", choices=CONVERSION_FORMATS, default="original")
+    parser.add_argument("--to", dest="target_format", choices=CONVERSION_FORMATS, default="transformers")
+    parser.add_argument(
+        "--template",
+        default=None,
+        help="for --to timm or open_clip: the timm NAME_OR_DIR or OpenCLIP ARCH[/PRETRAINED_OR_FILE] of the same "
+        "architecture to write the weights into",
+    )
     parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="also upload the directory to REPO")
     parser.set_defaults(handler=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `sinder convert`; return the exit status (0 on success, 1 if the checkpoint is refused or not found)."""
+    """Run `sinder convert`; return the exit status (0 on success, 1 if the model is refused or not found, or a
+    library it needs is missing)."""
     try:
-        output_dir = convert_checkpoint(args.checkpoint, args.output_dir, repo_id=args.push_to_hub)
-    except (ValueError, FileNotFoundError) as error:
+        if (args.source_format, args.target_format) == ("original", "transformers"):
+            output = convert_checkpoint(args.source, args.output, repo_id=args.push_to_hub)
+        else:
+            output = convert_model(
+                args.source,
+                args.output,
+                source_format=args.source_format,
+                target_format=args.target_format,
+                template=args.template,
+            )
+    except (ValueError, FileNotFoundError, ModelNotAvailableError, ImportError) as error:
         logger.error("%s", error)
         return 1
     if args.push_to_hub:
-        push_folder_to_hub(output_dir, args.push_to_hub, commit_message="Add DINOv2 weights converted by sinder-peft")
+        push_folder_to_hub(output, args.push_to_hub, commit_message="Add ViT weights converted by sinder-peft")
     return 0

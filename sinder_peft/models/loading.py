@@ -2,10 +2,12 @@
 whatever `--model` names.
 
 `--model` may be `"demo"` (the planted-defect demo model, no download), a local directory written by
-`save_pretrained` (or the output directory of `sinder repair`, which holds one in `model/`), or a Hub id such as
-`facebook/dinov2-base`. The model is loaded as the class it was saved as (`config.architectures`), so a task model
-or a whole model (`Dinov2ForImageClassification`, `DepthAnythingForDepthEstimation`, `CLIPModel`...) comes back
-whole: the repair adapts its backbone and merges into the whole model.
+`save_pretrained` (or the output directory of `sinder repair`, which holds one in `model/`), a Hub id such as
+`facebook/dinov2-base`, or a timm or OpenCLIP model (`timm:NAME_OR_DIR`, `open_clip:ARCH[/PRETRAINED_OR_FILE]`),
+converted to the transformers class of the same architecture (`other_libraries`). The model is loaded as the class it
+was saved as (`config.architectures`), so a task model or a whole model (`Dinov2ForImageClassification`,
+`DepthAnythingForDepthEstimation`, `CLIPModel`...) comes back whole: the repair adapts its backbone and merges into the
+whole model.
 
 Hub ids are looked up in the local Hugging Face cache first, so a cached model loads without any network access; only
 when it is not cached (and the Hub is not switched off with `HF_HUB_OFFLINE=1`) is it downloaded. Every way this
@@ -29,10 +31,13 @@ from transformers import AutoConfig, AutoModel, ImageProcessingMixin, Pretrained
 
 from ..synthetic.demo import build_demo_model
 from ..tuner.architectures import ImageNormalization, describe_config, describe_model
+from .other_libraries import foreign_processor_config, foreign_to_transformers, load_foreign_model, parse_model_name
 
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "demo"
+TRANSFORMERS_MODEL_DIR = "model-transformers"
+"""Where a repair of a timm or OpenCLIP model writes the transformers version (`model/` holds the source's format)."""
 
 _Loaded = TypeVar("_Loaded")
 
@@ -53,13 +58,17 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def _resolve_local_directory(directory: Path) -> Path:
-    """Return the directory holding `config.json`: `directory` itself, or its `model/` (a `sinder repair` output).
+    """Return the directory holding `config.json`: `directory` itself, or, in a `sinder repair` output directory, its
+    `model-transformers/` (the transformers version of a repaired timm or OpenCLIP model) or its `model/`.
 
     Raises:
-        FileNotFoundError: if neither holds a `config.json`.
+        FileNotFoundError: if none holds a `config.json`.
     """
     if (directory / "config.json").is_file():
         return directory
+    if (directory / TRANSFORMERS_MODEL_DIR / "config.json").is_file():
+        logger.info("Loading the transformers version in %s/%s.", directory, TRANSFORMERS_MODEL_DIR)
+        return directory / TRANSFORMERS_MODEL_DIR
     if (directory / "model" / "config.json").is_file():
         logger.info("Loading the merged model in %s/model (a `sinder repair` output directory).", directory)
         return directory / "model"
@@ -174,9 +183,13 @@ def _resolve_source(model: str) -> tuple[str, bool]:
 
 def load_model_image_processor_config(model: str) -> dict[str, Any] | None:
     """Return the image processor config of the model `--model` names (see `load_backbone`), or None when it has
-    none (the demo model has none)."""
+    none (the demo model has none). For a timm or OpenCLIP model it is the `BitImageProcessor` that reproduces the
+    source's own preprocessing (`other_libraries.foreign_processor_config`)."""
     if model == DEMO_MODEL_NAME:
         return None
+    name = parse_model_name(model)
+    if name.is_foreign:
+        return foreign_processor_config(name, load_foreign_model(name))
     source, _ = _resolve_source(model)
     return load_image_processor_config(source)
 
@@ -222,9 +235,12 @@ def load_backbone(model: str, *, dtype: torch.dtype | None = None) -> tuple[nn.M
     """Load the model named by `model`, in eval mode, with the normalization its images need.
 
     Args:
-        model: `"demo"`, a local directory written by `save_pretrained` (or a `sinder repair` output directory), or
-            a Hub id such as `facebook/dinov2-base`, `facebook/dinov2-with-registers-small` or
-            `openai/clip-vit-base-patch16`.
+        model: `"demo"`, a local directory written by `save_pretrained` (or a `sinder repair` output directory), a
+            Hub id such as `facebook/dinov2-base`, `facebook/dinov2-with-registers-small` or
+            `openai/clip-vit-base-patch16`, or a model of another library: `timm:NAME_OR_DIR` (a timm model name
+            with weights in the local cache, or a directory timm's `local-dir:` loads) or
+            `open_clip:ARCH[/PRETRAINED_OR_FILE]`, converted exactly to the transformers class of the same
+            architecture (`other_libraries`).
         dtype: dtype to load the weights in; `None` keeps the checkpoint's.
 
     Returns:
@@ -239,8 +255,16 @@ def load_backbone(model: str, *, dtype: torch.dtype | None = None) -> tuple[nn.M
             model in it.
         ModelNotAvailableError: a Hub id that is not cached and cannot be downloaded (offline, no network, no such
             repository).
-        ValueError: the model has no ViT backbone of a supported family (the message names the supported ones).
+        ValueError: the model has no ViT backbone of a supported family (the message names the supported ones), or
+            an unknown `prefix:`.
+        ImportError: a timm or OpenCLIP model without that library installed (the message says what to install).
     """
+    name = parse_model_name(model)
+    if name.is_foreign:
+        native = load_foreign_model(name)
+        converted, normalization = foreign_to_transformers(name, native)
+        logger.info("Converted %s (%s) to %s.", model, type(native).__name__, type(converted).__name__)
+        return (converted.to(dtype) if dtype is not None else converted), normalization
     if model == DEMO_MODEL_NAME:
         backbone = build_demo_model()
         if dtype is not None:

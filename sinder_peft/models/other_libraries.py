@@ -12,22 +12,20 @@ saved beside the transformers version, its interpolation and crop.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
 from torch import nn
-from transformers import BitImageProcessorPil, PreTrainedModel
+from transformers import PreTrainedModel
 
 from ..tuner.architectures import ImageNormalization
 from .open_clip_conversion import open_clip_to_transformers, transformers_to_open_clip
 from .open_clip_loading import load_open_clip_model, open_clip_preprocessing, save_open_clip_model
+from .processor import bit_image_processor
 from .timm_conversion import timm_to_transformers, transformers_to_timm
 from .timm_loading import load_timm_model, save_timm_model, timm_preprocessing
-
-logger = logging.getLogger(__name__)
 
 ModelLibrary = Literal["transformers", "timm", "open_clip"]
 MODEL_PREFIXES: dict[str, ModelLibrary] = {"timm:": "timm", "open_clip:": "open_clip"}
@@ -122,19 +120,8 @@ def foreign_processor_config(model: ModelName, native: nn.Module) -> dict[str, A
         height, width = preprocessing.image_size
         short_side = min(height, width)
         interpolation, normalization = preprocessing.interpolation, preprocessing.normalization
-    processor = BitImageProcessorPil(
-        do_resize=True,
-        size={"shortest_edge": short_side},
-        resample=_RESAMPLING.get(interpolation, Image.Resampling.BICUBIC),
-        do_center_crop=True,
-        crop_size={"height": height, "width": width},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(normalization.mean),
-        image_std=list(normalization.std),
-        do_convert_rgb=True,
-    )
+    resample = _RESAMPLING.get(interpolation, Image.Resampling.BICUBIC)
+    processor = bit_image_processor(normalization, short_side, (height, width), resample)
     config = processor.to_dict()
     config["image_processor_type"] = "BitImageProcessor"
     return config

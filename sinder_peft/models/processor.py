@@ -24,16 +24,20 @@ from ..tuner.architectures import ImageNormalization
 IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
 
 
-def default_image_processor(normalization: ImageNormalization, resolution: int) -> BitImageProcessorPil:
-    """Return the `BitImageProcessor` that reproduces the repair's own preprocessing at `resolution` (a multiple of
-    the patch size): short side resized to `resolution` with bicubic resampling, centre crop `resolution` square,
-    pixel values scaled to [0, 1] and normalized."""
+def bit_image_processor(
+    normalization: ImageNormalization,
+    short_side: int,
+    crop_size: tuple[int, int],
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
+) -> BitImageProcessorPil:
+    """Return the `BitImageProcessor` that resizes the short side to `short_side` with `resample`, centre-crops
+    `crop_size` (height, width), scales pixel values to [0, 1] and normalizes them with `normalization`."""
     return BitImageProcessorPil(
         do_resize=True,
-        size={"shortest_edge": resolution},
-        resample=Image.Resampling.BICUBIC,
+        size={"shortest_edge": short_side},
+        resample=resample,
         do_center_crop=True,
-        crop_size={"height": resolution, "width": resolution},
+        crop_size={"height": crop_size[0], "width": crop_size[1]},
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
@@ -41,6 +45,13 @@ def default_image_processor(normalization: ImageNormalization, resolution: int) 
         image_std=list(normalization.std),
         do_convert_rgb=True,
     )
+
+
+def default_image_processor(normalization: ImageNormalization, resolution: int) -> BitImageProcessorPil:
+    """Return the `BitImageProcessor` that reproduces the repair's own preprocessing at `resolution` (a multiple of
+    the patch size): short side resized to `resolution` with bicubic resampling, centre crop `resolution` square,
+    pixel values scaled to [0, 1] and normalized."""
+    return bit_image_processor(normalization, resolution, (resolution, resolution))
 
 
 def save_image_processor(

@@ -6,5 +6,6 @@
 - `original_layout.py`: the original DINOv2 checkpoint layout in both directions; `conversion.py`: `sinder convert`;
 - `timm_loading.py`, `timm_links.py`, `timm_plans.py`, `timm_conversion.py`: timm models, their files and
   preprocessing, and their exact conversion to and from transformers;
-- `open_clip_loading.py`, `open_clip_conversion.py`: the same for OpenCLIP image towers.
+- `open_clip_loading.py`, `open_clip_conversion.py`: the same for OpenCLIP image towers; `extras.py`: importing
+  the optional libraries of the `[timm]` and `[open_clip]` extras.
 """

@@ -9,7 +9,6 @@ is `open_clip_conversion`.
 from __future__ import annotations
 
 import difflib
-import importlib
 import logging
 import os
 import types
@@ -23,10 +22,9 @@ from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
 from ..tuner.architectures import ImageNormalization
+from .extras import import_extra
 
 logger = logging.getLogger(__name__)
-
-OPEN_CLIP_INSTALL_HINT = "pip install 'sinder-peft[open_clip]'"
 
 # The schemas of `open_clip.create_model` ("hf-hub:org/repo", "local-dir:/path"), which an ARCH[/PRETRAINED] spec
 # cannot express: their own "/" would be read as the separator.
@@ -52,13 +50,7 @@ def require_open_clip() -> types.ModuleType:
     Raises:
         ImportError: if `open_clip` (the `open_clip_torch` package) is not installed.
     """
-    try:
-        return importlib.import_module("open_clip")
-    except ImportError as error:
-        raise ImportError(
-            f"Converting OpenCLIP models needs the optional package open_clip (open_clip_torch): "
-            f"{OPEN_CLIP_INSTALL_HINT}."
-        ) from error
+    return import_extra("open_clip", "open_clip", "Using OpenCLIP models (open_clip_torch)")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ directory that `timm.create_model("local-dir:PATH", pretrained=True)` loads. The
 
 from __future__ import annotations
 
-import importlib
 import logging
 import types
 from collections.abc import Mapping
@@ -20,10 +19,9 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
 
 from ..tuner.architectures import ImageNormalization
+from .extras import import_extra
 
 logger = logging.getLogger(__name__)
-
-TIMM_INSTALL_HINT = "pip install 'sinder-peft[timm]'"
 
 # Weight files timm's `local-dir:` loader reads, in its order of preference.
 _TIMM_WEIGHT_FILES: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
@@ -35,13 +33,7 @@ def require_timm() -> types.ModuleType:
     Raises:
         ImportError: if timm cannot be imported, saying how to install it.
     """
-    try:
-        return importlib.import_module("timm")
-    except ImportError as error:
-        raise ImportError(
-            f"timm models need the timm library, which could not be imported ({error}). Install it with "
-            f"`{TIMM_INSTALL_HINT}` (or `pip install timm`)."
-        ) from error
+    return import_extra("timm", "timm", "Using timm models")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from ..evaluation.sections import check_evaluation_data
 from ..images.batching import ImageBatch, UnreadableImageLog, selection_sample
 from ..images.datasets import build_dataset
 from ..images.preprocessing import MIN_GRID_SIDE
-from ..models.loading import load_backbone, load_model_image_processor_config
+from ..models.loading import load_backbone_and_processor_config
 from ..training.arguments import TrainingArguments
 from ..training.checkpoints import CHECKPOINT_ADAPTER_DIR, resolve_checkpoint
 from ..training.distributed import main_process_value
@@ -85,8 +85,7 @@ def prepare_repair(
     evaluation = evaluation_settings(args, Path(args.output_dir))
     if evaluation is not None:
         check_evaluation_data(evaluation)
-    base_model, normalization = load_backbone(args.model)
-    processor_config = load_model_image_processor_config(args.model)
+    base_model, normalization, processor_config = load_backbone_and_processor_config(args.model)
     base_model = base_model.to(accelerator.device)
     description = describe_model(base_model)
     resolution = training_resolution(resolution, description.patch_size)

@@ -31,7 +31,13 @@ from transformers import AutoConfig, AutoModel, ImageProcessingMixin, Pretrained
 
 from ..synthetic.demo import build_demo_model
 from ..tuner.architectures import ImageNormalization, describe_config, describe_model
-from .other_libraries import foreign_processor_config, foreign_to_transformers, load_foreign_model, parse_model_name
+from .other_libraries import (
+    ModelName,
+    foreign_processor_config,
+    foreign_to_transformers,
+    load_foreign_model,
+    parse_model_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -181,19 +187,6 @@ def _resolve_source(model: str) -> tuple[str, bool]:
     )
 
 
-def load_model_image_processor_config(model: str) -> dict[str, Any] | None:
-    """Return the image processor config of the model `--model` names (see `load_backbone`), or None when it has
-    none (the demo model has none). For a timm or OpenCLIP model it is the `BitImageProcessor` that reproduces the
-    source's own preprocessing (`other_libraries.foreign_processor_config`)."""
-    if model == DEMO_MODEL_NAME:
-        return None
-    name = parse_model_name(model)
-    if name.is_foreign:
-        return foreign_processor_config(name, load_foreign_model(name))
-    source, _ = _resolve_source(model)
-    return load_image_processor_config(source)
-
-
 def _load_config(source: str, name: str, from_hub: bool) -> PretrainedConfig:
     """Load the config of `source` and check that the model has a backbone of a supported ViT family, before any
     weights are read.
@@ -261,10 +254,8 @@ def load_backbone(model: str, *, dtype: torch.dtype | None = None) -> tuple[nn.M
     """
     name = parse_model_name(model)
     if name.is_foreign:
-        native = load_foreign_model(name)
-        converted, normalization = foreign_to_transformers(name, native)
-        logger.info("Converted %s (%s) to %s.", model, type(native).__name__, type(converted).__name__)
-        return (converted.to(dtype) if dtype is not None else converted), normalization
+        converted, normalization, _ = _load_converted(name, dtype)
+        return converted, normalization
     if model == DEMO_MODEL_NAME:
         backbone = build_demo_model()
         if dtype is not None:
@@ -292,3 +283,29 @@ def load_backbone(model: str, *, dtype: torch.dtype | None = None) -> tuple[nn.M
     logger.info("Loaded %s (%s) from %s.", type(loaded).__name__, config.model_type, source)
     family_default = ImageNormalization(mean=description.image_mean, std=description.image_std)
     return loaded.eval(), load_normalization(source, family_default)
+
+
+def _load_converted(name: ModelName, dtype: torch.dtype | None) -> tuple[nn.Module, ImageNormalization, nn.Module]:
+    """Return the transformers version of the timm or OpenCLIP model `name` (in `dtype` when given), its
+    normalization, and the source model itself."""
+    native = load_foreign_model(name)
+    converted, normalization = foreign_to_transformers(name, native)
+    logger.info(
+        "Converted %s:%s (%s) to %s.", name.library, name.name, type(native).__name__, type(converted).__name__
+    )
+    return (converted.to(dtype) if dtype is not None else converted), normalization, native
+
+
+def load_backbone_and_processor_config(model: str) -> tuple[nn.Module, ImageNormalization, dict[str, Any] | None]:
+    """Return `load_backbone(model)` and the model's image processor config, or None when it has none (the demo
+    model). For a timm or OpenCLIP model the config is the `BitImageProcessor` that reproduces the source's own
+    preprocessing (`other_libraries.foreign_processor_config`), and the source is loaded once for both."""
+    name = parse_model_name(model)
+    if name.is_foreign:
+        converted, normalization, native = _load_converted(name, None)
+        return converted, normalization, foreign_processor_config(name, native)
+    backbone, normalization = load_backbone(model)
+    if model == DEMO_MODEL_NAME:
+        return backbone, normalization, None
+    source, _ = _resolve_source(model)
+    return backbone, normalization, load_image_processor_config(source)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..analysis.detection import DIRECTION_SOURCE_HELP, DirectionSource
+from ..analysis.detection import DIRECTION_SOURCE_HELP, RECIPE_HELP, DefectTest, DirectionSource, Recipe
 from .probes import DINOV2_KNN_KS, DINOV2_KNN_TEMPERATURE
 
 DIRECTION_SAMPLE_IMAGES = 16
@@ -110,7 +110,13 @@ class EvaluationArguments:
             "help": DIRECTION_SOURCE_HELP + f" Chosen per model on its first {DIRECTION_SAMPLE_IMAGES} defect images."
         },
     )
+    recipe: Recipe = field(default="preserve", metadata={"help": RECIPE_HELP})
     norm_map_images: int = field(default=4, metadata={"help": "rows of norm_maps.png"})
+
+    @property
+    def defect_test(self) -> DefectTest:
+        """The defect test of the defect section: the recipe's, with `mask_thr` and `min_tokens`."""
+        return DefectTest.for_recipe(self.recipe, mask_thr=self.mask_thr, min_tokens=self.min_tokens)
 
     def __post_init__(self) -> None:
         if self.knn_headline_k not in self.knn_k:

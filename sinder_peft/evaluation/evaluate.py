@@ -75,7 +75,7 @@ def evaluation_table(results: dict[str, Any]) -> str:
         columns += [
             "max/median norm",
             "high-norm tokens (%)",
-            "images with high-norm tokens (%)",
+            "images with high-norm defects (%)",
             "defect tokens (%)",
             "images with defects (%)",
         ]
@@ -92,7 +92,7 @@ def evaluation_table(results: dict[str, Any]) -> str:
             row += [
                 _format(defects.get("norm_ratio"), 2),
                 _format(defects.get("high_norm_share"), 2),
-                _format(defects.get("images_with_high_norm_tokens")),
+                _format(defects.get("images_with_high_norm_defects")),
                 _format(defects.get("defect_token_share"), 2),
                 _format(defects.get("images_with_defects")),
             ]

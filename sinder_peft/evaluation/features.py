@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from ..analysis.detection import DefectDirections, find_defect_tokens
+from ..analysis.detection import DefectDirections, DefectTest, find_defect_tokens
 from ..tuner.architectures import describe_model, unwrap_backbone
 
 logger = logging.getLogger(__name__)
@@ -261,9 +261,7 @@ def extract_defect_statistics(
     *,
     image_shape: tuple[int, int, int],
     batch_size: int,
-    mask_thr: float,
-    min_tokens: int,
-    kernel: int = 3,
+    test: DefectTest,
     num_workers: int = 0,
     state: ProcessState | None = None,
 ) -> dict[str, torch.Tensor] | None:
@@ -273,8 +271,8 @@ def extract_defect_statistics(
         On the main process: `max_median_norm_ratio` [N, L], `high_norm_share` [N, L], `first_defective_layer`
         [N] (−1: none), `defect_tokens` [N] (tokens flagged at the image's first defective layer, 0 when none),
         `last_layer_norms` [N, h, w] (token norms of the last block, for norm maps), `high_norm_tokens` [N, L] (the
-        high-norm tokens per layer), `high_norm_weights_cosine_sum` [N, L] (the sum of their |cos| with the weights'
-        direction) and `valid` [N]. None on the other processes. `directions` are used as they are.
+        high-norm defect tokens per layer), `high_norm_weights_cosine_sum` [N, L] (the sum of their |cos| with the
+        weights' direction) and `valid` [N]. None on the other processes. `directions` are used as they are.
     """
     parameter = next(model.parameters())
 
@@ -283,9 +281,7 @@ def extract_defect_statistics(
             model,
             pixel_values.to(device=parameter.device, dtype=parameter.dtype),
             directions if isinstance(directions, DefectDirections) else list(directions),
-            mask_thr=mask_thr,
-            min_tokens=min_tokens,
-            kernel=kernel,
+            test=test,
         )
         layer = analysis.first_defective_layer
         flagged = analysis.masks[torch.arange(layer.shape[0]), layer.clamp_min(0)].flatten(1).sum(dim=1)
@@ -295,8 +291,8 @@ def extract_defect_statistics(
             "first_defective_layer": layer,
             "defect_tokens": torch.where(layer >= 0, flagged, torch.zeros_like(flagged)),
             "last_layer_norms": analysis.token_norms[:, -1],
-            "high_norm_tokens": analysis.high_norm_counts,
-            "high_norm_weights_cosine_sum": (analysis.weights_cosines * analysis.high_norm_masks)
+            "high_norm_tokens": analysis.high_norm_defect_counts,
+            "high_norm_weights_cosine_sum": (analysis.weights_cosines * analysis.high_norm_defect_masks)
             .flatten(2)
             .sum(dim=-1),
         }

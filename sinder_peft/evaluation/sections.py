@@ -45,7 +45,6 @@ from .probes import (
 logger = logging.getLogger(__name__)
 
 CACHE_FOLDER = "cache"
-DEFECT_KERNEL = 3
 DIRECTIONS_PREFIX = "directions."
 """Prefix of the chosen directions' tensors among the cached defect statistics."""
 
@@ -360,9 +359,7 @@ def _defect_section(
     key = {
         "model": fingerprint,
         "data": dataset.identity(),
-        "mask_thr": args.mask_thr,
-        "min_tokens": args.min_tokens,
-        "kernel": DEFECT_KERNEL,
+        "defect_test": args.defect_test.to_dict(),
         "directions": args.directions,
         "direction_sample_images": DIRECTION_SAMPLE_IMAGES,
     }
@@ -377,9 +374,7 @@ def _defect_section(
             directions,
             image_shape=_image_shape(args.defect_resolution, patch_size),
             batch_size=args.batch_size,
-            mask_thr=args.mask_thr,
-            min_tokens=args.min_tokens,
-            kernel=DEFECT_KERNEL,
+            test=args.defect_test,
             num_workers=args.num_workers,
             state=context.state,
         )
@@ -409,7 +404,7 @@ def _defect_section(
         "images_with_defects": float((first_layers >= 0).double().mean() * 100),
         "earliest_first_defective_layer": int(defective.min()) if defective.numel() else None,
         "per_layer_norm_ratio": ratios.mean(dim=0).tolist(),
-        "images_with_high_norm_tokens": float((high_norm_counts.sum(dim=1) > 0).double().mean() * 100),
+        "images_with_high_norm_defects": float((high_norm_counts.sum(dim=1) > 0).double().mean() * 100),
         "per_layer_high_norm_tokens": (totals / len(norms)).tolist(),
         "per_layer_high_norm_weights_cosine": [
             float(total_cosine / count) if count > 0 else None

@@ -27,8 +27,12 @@ from ..analysis.detection import (
     DIRECTION_SOURCE_HELP,
     DIRECTION_SOURCES,
     HIGH_NORM_FACTOR,
+    RECIPE_HELP,
+    RECIPES,
     DefectAnalysis,
+    DefectTest,
     DirectionSource,
+    Recipe,
     estimate_defect_directions,
     find_defect_tokens,
 )
@@ -108,27 +112,38 @@ def image_report(
         "input_size": [int(pixel_values.shape[-2]), int(pixel_values.shape[-1])],
         "grid_size": list(analysis.grid_size),
         "first_defective_layer": layer,
+        "first_high_norm_defect_layer": int(analysis.first_high_norm_defect_layer[0]),
         "defect_tokens": torch.nonzero(analysis.masks[0, layer]).tolist() if layer >= 0 else [],
         "max_median_norm_ratio": analysis.max_median_norm_ratio[0].tolist(),
         "high_norm_share": analysis.high_norm_share[0].tolist(),
         "num_defect_tokens": analysis.defect_token_counts[0].tolist(),
-        "num_high_norm_tokens": analysis.high_norm_counts[0].tolist(),
+        "num_high_norm_defect_tokens": analysis.high_norm_defect_counts[0].tolist(),
+        "num_high_norm_input_tokens": analysis.high_norm_input_counts[0].tolist(),
     }
 
 
 def image_headline(entry: dict[str, Any]) -> str:
-    """Return what `diagnose` says of one image's report entry: its first defective layer, or, when none, whether it
-    still has high-norm tokens (never "no defect" beside tokens at several times the median norm)."""
+    """Return what `diagnose` says of one image's report entry: its first defective layer (the recipe's test) and
+    where its high-norm defect is born, or, when the test finds none, whether it still has high-norm defect tokens
+    (never "no defect" beside tokens a block made several times the median norm), and its high-norm input tokens."""
     layer = entry["first_defective_layer"]
+    born = entry["first_high_norm_defect_layer"]
+    input_layers = [index for index, count in enumerate(entry["num_high_norm_input_tokens"]) if count > 0]
+    inputs = (
+        f"; high-norm input tokens (long from the embedding on, not defects) at layers {input_layers[0]}-"
+        f"{input_layers[-1]}"
+        if input_layers
+        else ""
+    )
     if layer >= 0:
-        return f"first defective layer {layer}, {len(entry['defect_tokens'])} defect tokens there"
-    high_norm_layers = [index for index, count in enumerate(entry["num_high_norm_tokens"]) if count > 0]
-    if high_norm_layers:
+        birth = f", high-norm defect born at layer {born}" if born >= 0 else ", no high-norm defect token"
+        return f"first defective layer {layer}, {len(entry['defect_tokens'])} defect tokens there{birth}{inputs}"
+    if born >= 0:
         return (
-            f"no defective layer along the directions, but high-norm tokens (>= {HIGH_NORM_FACTOR:g}x the median) at "
-            f"layers {high_norm_layers[0]}-{high_norm_layers[-1]}"
+            f"no defective layer along the directions, but a high-norm defect (>= {HIGH_NORM_FACTOR:g}x the median) "
+            f"born at layer {born}{inputs}"
         )
-    return "no defective layer, no high-norm token"
+    return f"no defective layer, no high-norm defect{inputs}"
 
 
 def diagnose(
@@ -140,6 +155,7 @@ def diagnose(
     mask_thr: float = 4.0,
     min_tokens: int = 3,
     directions: DirectionSource = "auto",
+    recipe: Recipe = "preserve",
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Diagnose the singular defects of `model` on `images` and write the report and figures to `output_dir`.
@@ -153,7 +169,9 @@ def diagnose(
         mask_thr: outlier threshold k of the defect-token test (docs/method.md §2).
         min_tokens: flagged tokens from which a layer counts as defective.
         directions: where each layer's defect direction comes from ("weights", "data" or "auto"), chosen once
-            from the high-norm tokens of all the images (`analysis.detection.estimate_defect_directions`).
+            from the high-norm defect tokens of all the images (`analysis.detection.estimate_defect_directions`).
+        recipe: whose defect test decides (`DefectTest.for_recipe`): "preserve" (the default repair's: a flagged
+            token must be a high-norm defect token) or "paper" (the cosine test alone).
         device: where to run the model; default CUDA when available, else CPU.
 
     Returns:
@@ -181,6 +199,7 @@ def diagnose(
         displayed.append(cropped)
         inputs.append(normalize_image(cropped, normalization)[None])
 
+    test = DefectTest.for_recipe(recipe, mask_thr=mask_thr, min_tokens=min_tokens, kernel=DEFAULT_KERNEL)
     weights_directions = singular_defect_directions(backbone)
     chosen = estimate_defect_directions(backbone, inputs, directions, weights_directions, min_tokens=min_tokens)
     logger.info("%s.", chosen.describe())
@@ -190,9 +209,7 @@ def diagnose(
     for path, picture, cropped, pixel_values, figure_name in zip(
         paths, pictures, displayed, inputs, _figure_names(paths), strict=True
     ):
-        analysis = find_defect_tokens(
-            backbone, pixel_values, chosen, mask_thr=mask_thr, min_tokens=min_tokens, kernel=DEFAULT_KERNEL
-        )
+        analysis = find_defect_tokens(backbone, pixel_values, chosen, test=test)
         entry = image_report(path, picture, pixel_values, analysis)
         found = image_headline(entry)
         ratio = entry["max_median_norm_ratio"][-1]
@@ -222,8 +239,8 @@ def diagnose(
         "hidden_size": description.hidden_size,
         "patch_size": description.patch_size,
         "resolution": resolution,
-        "mask_thr": mask_thr,
-        "min_tokens": min_tokens,
+        "recipe": recipe,
+        "defect_test": test.to_dict(),
         "kernel": DEFAULT_KERNEL,
         "normalization": {"mean": list(normalization.mean), "std": list(normalization.std)},
         "direction_consecutive_abs_cos": _direction_cosines(list(chosen.weights_directions)),
@@ -232,7 +249,10 @@ def diagnose(
         "high_norm_weights_cosine": list(chosen.weights_cosines),
         "num_images": len(entries),
         "num_defective_images": len(first_layers),
-        "num_images_with_high_norm_tokens": sum(1 for entry in entries if any(entry["num_high_norm_tokens"])),
+        "num_images_with_high_norm_defects": sum(1 for entry in entries if entry["first_high_norm_defect_layer"] >= 0),
+        "num_images_with_high_norm_input_tokens": sum(
+            1 for entry in entries if any(entry["num_high_norm_input_tokens"])
+        ),
         "earliest_first_defective_layer": earliest,
         "layer_plot": LAYER_PLOT_NAME,
         "images": entries,
@@ -269,6 +289,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--min-tokens", type=int, default=3, help="flagged tokens from which a layer counts as defective"
     )
     parser.add_argument("--directions", choices=DIRECTION_SOURCES, default="auto", help=DIRECTION_SOURCE_HELP)
+    parser.add_argument("--recipe", choices=RECIPES, default="preserve", help=RECIPE_HELP)
     parser.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
     parser.set_defaults(handler=run)
     return parser
@@ -289,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
             mask_thr=args.mask_thr,
             min_tokens=args.min_tokens,
             directions=args.directions,
+            recipe=args.recipe,
             device=args.device,
         )
     except (FileNotFoundError, ValueError, ModelNotAvailableError, ImportError) as error:
@@ -296,14 +318,16 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(
         f"{report['model']} ({report['model_type']}, {report['num_layers']} layers), resolution "
-        f"{report['resolution']}: {report['num_defective_images']} of {report['num_images']} images have defect "
-        f"tokens, {report['num_images_with_high_norm_tokens']} have high-norm tokens."
+        f"{report['resolution']}, {report['recipe']} recipe's defect test: {report['num_defective_images']} of "
+        f"{report['num_images']} images are defective, {report['num_images_with_high_norm_defects']} have a "
+        f"high-norm defect, {report['num_images_with_high_norm_input_tokens']} have high-norm input tokens (long "
+        "from the embedding on: a feature of the image, not a defect)."
     )
     for entry in report["directions"]["layers"]:
         if entry["high_norm_tokens"]:
             print(
-                f"  layer {entry['layer']}: {entry['high_norm_tokens']} high-norm tokens, |cos| with the weights' "
-                f"direction {entry['weights_cosine']:.2f}, direction from the {entry['source']}"
+                f"  layer {entry['layer']}: {entry['high_norm_tokens']} high-norm defect tokens, |cos| with the "
+                f"weights' direction {entry['weights_cosine']:.2f}, direction from the {entry['source']}"
             )
     for entry in report["images"]:
         status = image_headline(entry)

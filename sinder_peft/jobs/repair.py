@@ -9,9 +9,10 @@ Loads a ViT (any supported family) and images, measures its defects, adapts the 
     figures/      before/after norm and PCA maps, per-layer norm plots
     checkpoints/  the last training checkpoint (for --resume)
 
-When nothing needs repair (`nothing_to_repair`: the selection sample has neither a high-norm token nor a defect, or
-training took no step because the data showed no defect), no model that differs from the input is written: there is
-no `model/` and no `adapter/`, and report.json and the summary say so.
+report.json's `"outcome"` says what the run did: `repaired` (no high-norm defect left on the report images),
+`partial` (fewer, some left), `not_repaired` (none removed) or `nothing_to_repair` (no block of the model makes a
+high-norm token on the selection sample). Only `repaired` and `partial` write `model/` and `adapter/`; the exit
+status tells the outcomes apart (`repair_report.OUTCOME_EXIT_CODES`).
 
 Every input is checked before anything is written: a bad model, an empty or unreadable data folder or too-small
 images fail with a clear message and leave no output directory behind.
@@ -38,7 +39,7 @@ from ..training.state import TrainerState
 from ..training.trainer import SinderTrainer
 from .repair_arguments import DEFAULT_RESOLUTION, DEMO_RESOLUTION, DEMO_STOP_WINDOW, RepairArguments
 from .repair_export import export_repair
-from .repair_report import summary_text
+from .repair_report import OUTCOME_EXIT_CODES, summary_text
 from .repair_setup import prepare_repair
 
 logger = logging.getLogger(__name__)
@@ -191,9 +192,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(namespace: argparse.Namespace) -> int:
     """Run a repair from parsed flags and print where the outputs are and the before/after numbers.
 
-    Returns the exit code: 0 on success, 1 (with a one-line message and no traceback) for inputs the user can fix
-    and a failed upload, 1 without a message on the processes that stop because another one failed (that one shows
-    the error), 130 when interrupted (a checkpoint was saved).
+    Returns the exit code: the outcome's (`repair_report.OUTCOME_EXIT_CODES`: 0 repaired or nothing to repair, 3
+    partly repaired, 4 not repaired), 1 (with a one-line message and no traceback) for inputs the user can fix and a
+    failed upload, 1 without a message on the processes that stop because another one failed (that one shows the
+    error), 130 when interrupted (a checkpoint was saved).
     """
     try:
         result = repair(*arguments_from_namespace(namespace))
@@ -217,9 +219,10 @@ def run(namespace: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    if result.report:
-        print(summary_text(result.report, result.output_dir))
-    return 0
+    if not result.report:
+        return 0
+    print(summary_text(result.report, result.output_dir))
+    return OUTCOME_EXIT_CODES[result.report["outcome"]]
 
 
 def main(argv: list[str] | None = None) -> int:

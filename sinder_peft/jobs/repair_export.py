@@ -29,7 +29,7 @@ from ..tuner.architectures import ImageNormalization
 from ..version import __version__
 from ..visualization.figures import save_before_after_figure, save_diagnosis_figure, save_layer_norm_plot
 from .repair_arguments import MAX_LISTED_UNREADABLE, RepairArguments, evaluation_settings
-from .repair_report import analysis_summary, card_numbers, earliest_defective_layer, first_images
+from .repair_report import analysis_summary, card_numbers, earliest_defective_layer, repair_outcome
 from .repair_setup import RepairSetup
 
 logger = logging.getLogger(__name__)
@@ -59,22 +59,29 @@ def export_repair(
     """Write adapter/, model/ (merged, with its image processor and card), report.json and figures/; evaluate and
     push when asked. Returns the report.
 
-    A run that took no step repaired nothing: it writes neither adapter/ nor model/ (the input is the result), does
-    not evaluate or push, and its report says `"repaired": false`.
+    report.json's `"outcome"` says what the run achieved on the report images (`repair_report.repair_outcome`):
+    `repaired` or `partial` write adapter/ and model/ (`"repaired": true`); `not_repaired` (no high-norm defect
+    removed, or no step taken) and `nothing_to_repair` write neither (the input is the result), do not evaluate or
+    push, and remove a model/ or adapter/ left by an earlier run in the directory.
     """
     model = setup.model
-    repaired = model is not None and state.step > 0
-    # with the blocks adapted during training
-    layers = list(model.peft_config["default"].layers_to_transform) if repaired else []
+    trained = model is not None and state.step > 0
     report_count = min(args.report_images, len(setup.selection.paths))
     report_paths = setup.selection.paths[:report_count]
     resolution = setup.resolution
-    before_report = first_images(setup.before, report_count)
+    before_report = setup.before.first_images(report_count)
     report_pixels = setup.selection.pixel_values[:report_count]
     merged: nn.Module | None = None
     after, after_features = before_report, setup.before_features
-    if repaired:
-        _write_directory(output_dir / "adapter", model.save_pretrained)
+    layers: list[int] = []
+    pending_adapter = output_dir / ".tmp-adapter"
+    if trained:
+        adapter = model.peft_config["default"]
+        # with the blocks adapted during training
+        layers = list(adapter.layers_to_transform) if adapter.layers_to_transform is not None else []
+        # saved before the merge, moved into place below if the run repaired something
+        shutil.rmtree(pending_adapter, ignore_errors=True)
+        model.save_pretrained(pending_adapter)
         merged = model.merge_and_unload().eval()
         report_pixels = report_pixels.to(next(merged.parameters()).device)
         after = find_defect_tokens(
@@ -82,11 +89,19 @@ def export_repair(
             report_pixels,
             compute_directions(merged),
             direction_source=training.directions,
-            mask_thr=training.mask_thr,
-            min_tokens=training.skip_less_than,
-            kernel=training.kernel,
+            test=training.defect_test,
         )
         after_features = output_features(merged, report_pixels)
+    before_summary = analysis_summary(before_report)
+    after_summary = analysis_summary(after)
+    outcome = repair_outcome(before_summary, after_summary if model is not None else None, state.step)
+    repaired = outcome in ("repaired", "partial")
+    if repaired:
+        shutil.rmtree(output_dir / "adapter", ignore_errors=True)
+        pending_adapter.rename(output_dir / "adapter")
+    else:
+        shutil.rmtree(pending_adapter, ignore_errors=True)
+        layers = []
     clean = clean_token_mask(before_report.token_norms[:, -1])
     selection_images: list[str] | list[int] = (
         setup.selection.paths if isinstance(setup.dataset, ImageFileDataset) else setup.selection.indices
@@ -94,6 +109,7 @@ def export_repair(
     report = {
         "model": args.model,
         "data": args.data or "bundled demo images",
+        "outcome": outcome,
         "repaired": repaired,
         "resolution": resolution,
         "requested_resolution": requested_resolution,
@@ -101,9 +117,14 @@ def export_repair(
         "training": {
             **asdict(training),
             "lr": training.resolved_lr,
-            "stop_window": capped_stop_window(training.resolved_stop_window, setup.dataset),
-            "norm_gap": training.resolved_norm_gap,
+            "stop_window": capped_stop_window(
+                training.resolved_stop_window, setup.dataset, seeded=training.stop_window_seeded
+            ),
+            "stop_window_seeded": training.stop_window_seeded,
+            "stop_skip_ratio": training.resolved_stop_skip_ratio,
+            "norm_gap": training.defect_test.norm_gap,
         },
+        "defect_test": training.defect_test.to_dict(),
         "directions": setup.directions.to_dict(),
         "processes": processes,
         "steps": state.step,
@@ -117,8 +138,8 @@ def export_repair(
         "selection_images": selection_images,
         "report_images": report_paths,
         "unreadable_images": state.unreadable[:MAX_LISTED_UNREADABLE],
-        "before": analysis_summary(before_report),
-        "after": analysis_summary(after),
+        "before": before_summary,
+        "after": after_summary,
         "clean_token_cosine": clean_token_cosine(setup.before_features, after_features, clean),
         "cls_cosine": pooled_cosine(setup.before_features, after_features),
         "sinder_peft_version": __version__,
@@ -200,7 +221,7 @@ def export_repair(
 
     _write_directory(output_dir / "figures", write_figures)
     evaluation = evaluation_settings(args, output_dir)
-    if evaluation is not None and merged is not None:
+    if evaluation is not None and repaired:
         report["evaluation"] = _evaluate_original_and_repaired(args, evaluation, merged, setup.normalization)
     elif evaluation is not None:
         logger.warning("Nothing was repaired: the --evaluate-* evaluation is skipped (the input is the result).")

@@ -1,25 +1,33 @@
-"""The numbers of a repair: report.json's summary of a defect analysis, whether anything needs repair, and the
-summary `sinder repair` prints."""
+"""The numbers of a repair: report.json's summary of a defect analysis, whether anything needs repair, what the run
+achieved (its outcome), and the summary `sinder repair` prints."""
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from ..analysis.detection import DEFECT_NORM_GAP, DefectAnalysis
+from ..analysis.detection import HIGH_NORM_FACTOR, DefectAnalysis
 from ..models.other_libraries import OPEN_CLIP_FILE, parse_model_name
+
+Outcome = Literal["repaired", "partial", "not_repaired", "nothing_to_repair"]
+
+OUTCOME_EXIT_CODES: dict[str, int] = {"repaired": 0, "nothing_to_repair": 0, "partial": 3, "not_repaired": 4}
+"""The exit status of `sinder repair` per outcome, so that scripts can tell: 0 when the output is a model without
+high-norm defect (repaired, or the input already was), 3 when some are left (`model/` is written), 4 when none was
+removed (no `model/`). 1 is an error, 2 a bad command line, 130 an interruption."""
 
 
 def analysis_summary(analysis: DefectAnalysis) -> dict[str, Any]:
-    """Return report.json's summary of an analysis: last-layer norm ratios, defect-token shares, defective layers.
+    """Return report.json's summary of an analysis: last-layer norm ratios, defects, high-norm tokens per layer.
 
-    `images_with_defects` counts the images with a defect that is a real norm outlier (`high_norm_defects`: a
-    flagged token at 4x its image's median norm or more); `images_with_cosine_outliers` those with a defective layer
-    by the cosine test alone, which a flat, repaired model can still show by chance. `images_with_high_norm_tokens`
-    counts the images with a high-norm token (4x the median norm) at any layer, whether or not a direction explains
-    it; `high_norm_tokens_per_layer` and `high_norm_weights_cosine` (the mean |cos| of those tokens with the
-    weights' direction, None where there is none) give them per layer.
+    `images_with_defects` counts the images with a *high-norm defect*: a token that a block made at least 4x its
+    image's median norm (and at least twice as long, relative to the median, as at the embedding), at some layer
+    (`DefectAnalysis.high_norm_defect_images`); `high_norm_defect_tokens` the number of such tokens over the images
+    and layers. `images_defective_by_test` counts the images with a defective layer under the recipe's test
+    (`defect_test`), `first_defective_layer` is each image's first one, `first_high_norm_defect_layer` where its
+    high-norm defect is born. `images_with_high_norm_input_tokens` counts the images with tokens that are high-norm
+    because they already were at the embedding (an input feature, not a defect). Per layer: the high-norm defect and
+    input tokens, and the mean |cos| of the high-norm defect tokens with the weights' direction.
     """
     last = analysis.num_layers - 1
     tokens = analysis.grid_size[0] * analysis.grid_size[1]
@@ -28,44 +36,49 @@ def analysis_summary(analysis: DefectAnalysis) -> dict[str, Any]:
         for image, layer in enumerate(analysis.first_defective_layer.tolist())
     ]
     ratios = analysis.max_median_norm_ratio[:, last]
-    high_norm_counts = analysis.high_norm_counts
+    defect_counts = analysis.high_norm_defect_counts
+    input_counts = analysis.high_norm_input_counts
     return {
         "max_median_norm_ratio_last_layer": ratios.tolist(),
         "mean_max_median_norm_ratio_last_layer": float(ratios.mean()),
         "defect_token_share": [count / tokens for count in at_first],
         "mean_defect_token_share": sum(at_first) / (tokens * analysis.num_images),
         "first_defective_layer": analysis.first_defective_layer.tolist(),
-        "images_with_defects": int(analysis.high_norm_defects(DEFECT_NORM_GAP).sum()),
-        "images_with_cosine_outliers": int((analysis.first_defective_layer >= 0).sum()),
-        "images_with_high_norm_tokens": int((high_norm_counts.sum(dim=1) > 0).sum()),
-        "high_norm_tokens_per_layer": high_norm_counts.sum(dim=0).tolist(),
+        "first_high_norm_defect_layer": analysis.first_high_norm_defect_layer.tolist(),
+        "images_with_defects": int(analysis.high_norm_defect_images.sum()),
+        "high_norm_defect_tokens": int(defect_counts.sum()),
+        "images_defective_by_test": int((analysis.first_defective_layer >= 0).sum()),
+        "images_with_high_norm_input_tokens": int((input_counts.sum(dim=1) > 0).sum()),
+        "high_norm_defect_tokens_per_layer": defect_counts.sum(dim=0).tolist(),
+        "high_norm_input_tokens_per_layer": input_counts.sum(dim=0).tolist(),
         "high_norm_weights_cosine": analysis.high_norm_weights_cosines(),
     }
 
 
 def nothing_to_repair(analysis: DefectAnalysis) -> bool:
-    """Return whether the analysis of a selection sample shows nothing to repair: no image has a high-norm token
-    (`analysis.detection.HIGH_NORM_FACTOR` times its median norm) at any layer, and none has a defect whose flagged
-    tokens reach `DEFECT_NORM_GAP` times the median norm. Cosine outliers among tokens of ordinary norm, which every
-    image shows by chance, are not defects to repair."""
-    return not analysis.high_norm_layers() and not bool(analysis.high_norm_defects(DEFECT_NORM_GAP).any())
+    """Return whether the analysis of a selection sample shows nothing to repair: no image has a high-norm defect
+    token at any layer (no block made a token `HIGH_NORM_FACTOR` times its median norm). Tokens that are long from
+    the embedding on, and cosine outliers among tokens of ordinary norm, are not defects to repair."""
+    return not analysis.high_norm_defect_layers()
 
 
-def first_images(analysis: DefectAnalysis, count: int) -> DefectAnalysis:
-    """Return the analysis of the first `count` images only."""
-    per_image = (
-        "cosines",
-        "masks",
-        "first_defective_layer",
-        "token_norms",
-        "max_median_norm_ratio",
-        "high_norm_share",
-        "last_patch_features",
-        "weights_cosines",
-    )
-    values = {name.name: getattr(analysis, name.name) for name in fields(analysis)}
-    values.update({name: values[name][:count] for name in per_image})
-    return DefectAnalysis(**values)
+def repair_outcome(before: dict[str, Any], after: dict[str, Any] | None, steps: int) -> Outcome:
+    """Return what a run achieved on the report images, from the `analysis_summary` before and after and the steps
+    taken (`after` None: no adapter was built, the selection showed nothing to repair).
+
+    `repaired`: no high-norm defect left; `partial`: fewer high-norm defect tokens than before, some left;
+    `not_repaired`: none removed, or no step taken although the selection had high-norm defects;
+    `nothing_to_repair`.
+    """
+    if after is None:
+        return "nothing_to_repair"
+    if steps == 0:
+        return "not_repaired"
+    if after["images_with_defects"] == 0:
+        return "repaired"
+    if after["high_norm_defect_tokens"] < before["high_norm_defect_tokens"]:
+        return "partial"
+    return "not_repaired"
 
 
 def earliest_defective_layer(analysis: DefectAnalysis) -> int | None:
@@ -85,58 +98,86 @@ def card_numbers(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def _high_norm_line(summary: dict[str, Any]) -> str:
-    """Return where an analysis summary has high-norm tokens: "none", or the layers with the weights' |cos|."""
-    layers = [layer for layer, count in enumerate(summary["high_norm_tokens_per_layer"]) if count > 0]
+    """Return where an analysis summary has high-norm defect tokens: "none", or the layers with the weights' |cos|."""
+    layers = [layer for layer, count in enumerate(summary["high_norm_defect_tokens_per_layer"]) if count > 0]
     if not layers:
         return "none"
     cosines = summary["high_norm_weights_cosine"]
     explained = min(cosines[layer] for layer in layers)
     return (
-        f"{summary['images_with_high_norm_tokens']} of {len(summary['first_defective_layer'])} images, layers "
+        f"{summary['images_with_defects']} of {len(summary['first_defective_layer'])} images, layers "
         f"{layers[0]}-{layers[-1]} (lowest |cos| with the weights' direction {explained:.2f})"
     )
 
 
+def _input_line(summary: dict[str, Any]) -> str:
+    """Return a line on the high-norm input tokens of an analysis summary, or "" when there is none."""
+    count = summary["images_with_high_norm_input_tokens"]
+    if not count:
+        return ""
+    return (
+        f"  high-norm input tokens (>= {HIGH_NORM_FACTOR:g}x the median from the embedding on: a feature of the "
+        f"image, not a defect; left as they are): {count} of {len(summary['first_defective_layer'])} images\n"
+    )
+
+
+def _numbers(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Return the before -> after numbers of the summary's first line."""
+    return (
+        f"images with a high-norm defect {before['images_with_defects']} -> {after['images_with_defects']} of "
+        f"{len(before['first_defective_layer'])} report images, high-norm defect tokens "
+        f"{before['high_norm_defect_tokens']} -> {after['high_norm_defect_tokens']}, max/median token norm (last "
+        f"layer) {before['mean_max_median_norm_ratio_last_layer']:.1f} -> "
+        f"{after['mean_max_median_norm_ratio_last_layer']:.1f}"
+    )
+
+
+_OUTCOME_WORDS = {
+    "repaired": "Repaired: no high-norm defect left",
+    "partial": "Partly repaired: high-norm defects are left",
+    "not_repaired": "Not repaired: no high-norm defect was removed",
+}
+
+
 def summary_text(report: dict[str, Any], output_dir: Path) -> str:
-    """Return the summary `sinder repair` prints for a report: the before/after numbers, or, when nothing was
-    repaired, why, and that no model was written."""
+    """Return the summary `sinder repair` prints for a report. Its first line says the outcome in words, with the
+    before/after numbers; a run that removed nothing never starts with "Repaired"."""
     before, after = report["before"], report["after"]
     data_layers = [entry["layer"] for entry in report["directions"]["layers"] if entry["source"] == "data"]
     directions = f"from the data at layers {data_layers}" if data_layers else "the weights' at every layer"
-    if not report["repaired"]:
-        if before["images_with_high_norm_tokens"]:
-            return (
-                f"No defect found along the directions in the {report['images_seen']} images checked, but "
-                f"high-norm tokens are present: {_high_norm_line(before)}.\n"
-                f"  directions: {directions}. A low |cos| means the weights' direction does not explain them: "
-                "--directions auto (the default) or data takes it from them.\n"
-                f"No model written: the input is unchanged. Report in {output_dir / 'report.json'}"
-            )
-        reason = (
-            f"the {len(report['selection_images'])} selection images have no high-norm token and no defect"
-            if report["stop_reason"] == "nothing_to_repair"
-            else f"no defect in the {report['images_seen']} images checked (stop window "
-            f"{report['training']['stop_window']})"
-        )
+    outcome = report["outcome"]
+    if outcome == "nothing_to_repair":
         return (
-            f"Nothing needed repair: {reason}.\n"
-            f"  high-norm tokens (>= 4x the median norm): none\n"
+            f"Nothing needed repair: the {len(report['selection_images'])} selection images have no high-norm defect "
+            f"(no block makes a token >= {HIGH_NORM_FACTOR:g}x its image's median norm).\n"
+            f"{_input_line(before)}"
             f"No model written: the input is the result. Report in {output_dir / 'report.json'}"
         )
-    return (
-        f"Repaired in {report['steps']} steps ({report['images_seen']} images, {report['images_skipped']} without "
-        f"defect, {report['seconds']:.0f} s; stopped by {report['stop_reason']}).\n"
-        f"  max/median token norm, last layer: {before['mean_max_median_norm_ratio_last_layer']:.1f} -> "
-        f"{after['mean_max_median_norm_ratio_last_layer']:.1f}\n"
-        f"  images with a high-norm defect: {before['images_with_defects']} -> {after['images_with_defects']} "
-        f"(of {len(before['first_defective_layer'])})\n"
-        f"  images with high-norm tokens: {before['images_with_high_norm_tokens']} -> "
-        f"{after['images_with_high_norm_tokens']}; after: {_high_norm_line(after)}\n"
-        f"  directions: {directions}\n"
-        f"  mean cosine to the original: clean tokens {report['clean_token_cosine']:.3f}, CLS "
-        f"{report['cls_cosine']:.3f}\n"
-        f"Outputs in {output_dir}: {_model_outputs(report['model'], output_dir)}, adapter/, report.json, figures/"
+    training = (
+        f"{report['steps']} steps, {report['images_seen']} images checked ({report['images_skipped']} without "
+        f"defect), {report['seconds']:.0f} s; stopped by {report['stop_reason']}"
     )
+    lines = [f"{_OUTCOME_WORDS[outcome]} ({_numbers(before, after)}).", f"  training: {training}"]
+    if outcome == "not_repaired" and report["steps"] == 0:
+        lines.append(
+            f"  The defect test found no defect along the directions ({directions}) in the images checked, but "
+            f"high-norm defect tokens are present: {_high_norm_line(before)}. A low |cos| means the weights' "
+            "direction does not explain them: --directions auto (the default) or data takes it from them."
+        )
+    lines.append(f"  high-norm defect tokens after: {_high_norm_line(after)}; directions: {directions}")
+    if _input_line(after):
+        lines.append(_input_line(after).rstrip("\n"))
+    if report["repaired"]:
+        lines.append(
+            f"  mean cosine to the original: clean tokens {report['clean_token_cosine']:.3f}, CLS "
+            f"{report['cls_cosine']:.3f}"
+        )
+        lines.append(
+            f"Outputs in {output_dir}: {_model_outputs(report['model'], output_dir)}, adapter/, report.json, figures/"
+        )
+    else:
+        lines.append(f"No model written: nothing was removed. Report in {output_dir / 'report.json'}")
+    return "\n".join(lines)
 
 
 def _model_outputs(model: str, output_dir: Path) -> str:

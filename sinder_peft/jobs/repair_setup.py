@@ -114,9 +114,7 @@ def prepare_repair(
         sample,
         saved if saved is not None else compute_directions(base_model),
         direction_source=training.directions,
-        mask_thr=training.mask_thr,
-        min_tokens=training.skip_less_than,
-        kernel=training.kernel,
+        test=training.defect_test,
     )
     directions = main_process_value(accelerator, before.defect_directions)
     before_features = output_features(base_model, sample[: args.report_images])
@@ -125,7 +123,7 @@ def prepare_repair(
         model = PeftModel.from_pretrained(base_model, checkpoint / CHECKPOINT_ADAPTER_DIR, is_trainable=True)
     elif nothing_to_repair(before):
         logger.info(
-            "%s. Nothing to repair: the %d selection images have no high-norm token and no defect.",
+            "%s. Nothing to repair: no block makes a high-norm token in the %d selection images.",
             directions.describe(),
             len(selection.paths),
         )
@@ -136,11 +134,13 @@ def prepare_repair(
         model = build_sinder_model(base_model, layers, shift=training.shift)
     if model is not None:
         found = sorted({layer for layer in before.first_defective_layer.tolist() if layer >= 0})
+        born = sorted({layer for layer in before.first_high_norm_defect_layer.tolist() if layer >= 0})
         logger.info("%s.", directions.describe())
         logger.info(
-            "First defective layers on %d sample images spread over the data: %s; adapting blocks %s (of %d; more "
-            "if training finds defects elsewhere).",
+            "On %d sample images spread over the data, high-norm defects are born at layers %s and the defect test "
+            "finds first defective layers %s; adapting blocks %s (of %d; more if training finds defects elsewhere).",
             len(selection.paths),
+            born or "none",
             found or "none",
             model.peft_config["default"].layers_to_transform,
             description.num_layers,

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..analysis.directions import singular_defect_directions
 from ..tuner.architectures import ImageNormalization
+from .demo import BRIGHTNESS_LEVEL
 from .planting import PlantedModel, brightness_threshold, reserved_directions
 from .tiny_models import MLP_RATIO, NUM_HEADS, tiny_image_processor
 
@@ -17,6 +18,13 @@ from .tiny_models import MLP_RATIO, NUM_HEADS, tiny_image_processor
 _HARD_BRIGHTNESS_GAIN = 4.0
 _HARD_READ_GAIN = 10.0
 _HARD_WRITE_GAIN = 128.0
+
+# Scales of `build_random_planted_dinov2(long_input=True)`: brightness measured from a mid grey, so that the white
+# patches of `generate_block_image` pictures are long from the patch embedding on; the unit fires where the normed
+# token's d-coordinate exceeds 30 / 10 = 3 (about 6.6 on white patches, about 0 on the grey ones).
+_LONG_INPUT_LEVEL = 0.5
+_LONG_INPUT_BRIGHTNESS_GAIN = 8.0
+_LONG_INPUT_THRESHOLD = 30.0
 
 # Scales of `build_sparse_unit_dinov2`: the unit fires where the normed token's d-coordinate exceeds 60 / 10 = 6.
 _SPARSE_BRIGHTNESS_GAIN = 16.0
@@ -26,11 +34,17 @@ _SPARSE_WRITE_GAIN = 400.0
 
 
 def _random_dinov2_with_brightness(
-    seed: int, num_layers: int, swiglu: bool, hidden_size: int, brightness_gain: float
+    seed: int,
+    num_layers: int,
+    swiglu: bool,
+    hidden_size: int,
+    brightness_gain: float,
+    level: float = BRIGHTNESS_LEVEL,
 ) -> tuple[transformers.Dinov2Model, torch.Tensor, torch.Tensor]:
     """Return a DINOv2 at transformers' random initialization (`initializer_range` 0.02, layer scale 1) whose patch
     embedding writes `brightness_gain` · (mean normalized pixel value − threshold) along a random unit direction d
-    (its filters' own response along d projected out), with d and a second random unit direction u ⊥ d."""
+    (its filters' own response along d projected out), the threshold being a uniform grey of `level`, with d and a
+    second random unit direction u ⊥ d."""
     config = transformers.Dinov2Config(
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
@@ -55,7 +69,7 @@ def _random_dinov2_with_brightness(
         flat = flat + torch.outer(brightness, torch.full((flat.shape[1],), brightness_gain / flat.shape[1]))
         projection.weight.copy_(flat.reshape(projection.weight.shape))
         bias = projection.bias - brightness * (brightness @ projection.bias)
-        threshold = brightness_threshold(ImageNormalization())
+        threshold = brightness_threshold(ImageNormalization(), level)
         projection.bias.copy_(bias - brightness_gain * threshold * brightness)
     return model, brightness, defect
 
@@ -107,6 +121,7 @@ def build_random_planted_dinov2(
     swiglu: bool = False,
     hidden_size: int = 96,
     defect_layer: int | None = None,
+    long_input: bool = False,
 ) -> PlantedModel:
     """Build a *harder* planted-defect DINOv2: every weight at transformers' own random initialization
     (`initializer_range` 0.02, layer scale 1), and one trigger unit in a middle block.
@@ -120,14 +135,22 @@ def build_random_planted_dinov2(
     hundreds. The repair has many ways here to make its loss small (steering the bright tokens upstream), which
     is where the paper's additive shifts move clean tokens and the `preserve` recipe does not (docs/method.md §7).
 
+    With `long_input`, the trigger patches are long *before* any block, as an input feature of the image: the
+    embedding measures brightness from a mid grey (`_LONG_INPUT_LEVEL`, gain `_LONG_INPUT_BRIGHTNESS_GAIN`), so on
+    `generate_block_image` pictures (flat grey, white blocks) the white patches are at 4-8× their image's median norm
+    from the embedding on, and the unit, with bias −`_LONG_INPUT_THRESHOLD`, fires on them only and takes them to
+    hundreds of times the median at block `defect_layer`: where the defect is born (docs/method.md §2).
+
     Returns:
         A `PlantedModel` (family "dinov2" or "dinov2_swiglu", ImageNet normalization, patch 14, 224 px).
     """
     layer = _middle_layer(num_layers, defect_layer)
-    model, brightness, defect = _random_dinov2_with_brightness(
-        seed, num_layers, swiglu, hidden_size, _HARD_BRIGHTNESS_GAIN
-    )
-    _set_trigger_unit(model, layer, swiglu, _HARD_READ_GAIN * brightness, 0.0, _HARD_WRITE_GAIN * defect)
+    if long_input:
+        gain, level, bias = _LONG_INPUT_BRIGHTNESS_GAIN, _LONG_INPUT_LEVEL, -_LONG_INPUT_THRESHOLD
+    else:
+        gain, level, bias = _HARD_BRIGHTNESS_GAIN, BRIGHTNESS_LEVEL, 0.0
+    model, brightness, defect = _random_dinov2_with_brightness(seed, num_layers, swiglu, hidden_size, gain, level)
+    _set_trigger_unit(model, layer, swiglu, _HARD_READ_GAIN * brightness, bias, _HARD_WRITE_GAIN * defect)
     return _random_planted_model(model, swiglu, defect, brightness, layer)
 
 

@@ -6,7 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..analysis.detection import DIRECTION_SOURCE_HELP, DIRECTION_SOURCES, DirectionSource
+from ..analysis.detection import (
+    DIRECTION_SOURCE_HELP,
+    DIRECTION_SOURCES,
+    HIGH_NORM_FACTOR,
+    RECIPE_NORM_GAPS,
+    RECIPES,
+    DefectTest,
+    DirectionSource,
+    Recipe,
+)
 from .window_loss import WindowSettings
 
 DEFAULT_STOP_WINDOW = 1000
@@ -16,9 +25,12 @@ PRESERVE_LR = 0.001
 """The `preserve` recipe's learning rate: at the paper's 0.005 one step of log-scale shifts overshot on a trained
 ViT-S/14 whose defect comes from a planted sparse unit (clean-token cosine 0.92 to the model without the unit, 0.997 at
 0.001), and at 0.001 every planted model of docs/method.md §7 and §9 is still repaired, in 1-25 steps."""
-PRESERVE_NORM_GAP = 2.0
-"""The `preserve` recipe's norm gap: once the defect tokens are gone, a 4-sigma cosine outlier of a flat image is no
-longer a defect, so training stops instead of reshaping clean tokens (docs/method.md §7)."""
+PAPER_STOP_SKIP_RATIO = 0.75
+"""The paper's stop rule: stop once 75 % of the last `stop_window` images had no defect, the window seeded with
+images that had one (as the official code's history is), so never before 0.75 · `stop_window` images."""
+PRESERVE_STOP_SKIP_RATIO = 1.0
+"""The `preserve` recipe's stop rule: stop once none of the last `stop_window` images (at most one pass over a
+finite dataset) had a defect: a run ends when the data it checks no longer shows any (docs/method.md §4)."""
 
 
 @dataclass
@@ -27,13 +39,14 @@ class TrainingArguments:
     (docs/method.md §4, §7). Each field is also a
     command-line flag of `sinder repair` (`transformers.HfArgumentParser` builds them from the fields)."""
 
-    recipe: Literal["paper", "preserve"] = field(
+    recipe: Recipe = field(
         default="preserve",
         metadata={
-            "help": "preserve (the default): log-scale shifts S * exp(delta), a norm gap in the defect test and lr "
-            f"{PRESERVE_LR}, which remove the defect without moving clean tokens where the paper's recipe moves them "
-            "(randomly initialised and trained models, sparse-unit defects; docs/method.md §7, §9); paper: the "
-            f"paper's exact recipe, additive singular-value shifts at lr {PAPER_LR}."
+            "help": "preserve (the default): log-scale shifts S * exp(delta), a defect test that needs a high-norm "
+            f"defect token (>= {HIGH_NORM_FACTOR:g}x the median norm, grown since the embedding), lr {PRESERVE_LR}, "
+            "and a stop once the data checked shows no defect: it removes the defect without moving clean tokens "
+            "where the paper's recipe moves them (docs/method.md §7, §9); paper: the paper's exact recipe, "
+            f"additive singular-value shifts at lr {PAPER_LR}, the cosine test alone, the official stop rule."
         },
     )
     directions: DirectionSource = field(
@@ -66,16 +79,24 @@ class TrainingArguments:
     norm_gap: float | None = field(
         default=None,
         metadata={
-            "help": "A layer is defective only if a flagged token also reaches this many times the median token norm "
-            f"(default: none for the paper recipe, {PRESERVE_NORM_GAP} for preserve)."
+            "help": "A layer is defective only if a flagged token is also a high-norm defect token at this many times "
+            "the median token norm, grown since the embedding (default: none for the paper recipe, "
+            f"{RECIPE_NORM_GAPS['preserve']:g} for preserve)."
         },
     )
-    stop_skip_ratio: float = field(
-        default=0.75, metadata={"help": "Stop once this share of the last --stop-window images had no defect."}
+    stop_skip_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stop once this share of the last --stop-window images had no defect (default: "
+            f"{PRESERVE_STOP_SKIP_RATIO:g} for preserve, {PAPER_STOP_SKIP_RATIO:g} for paper)."
+        },
     )
     stop_window: int | None = field(
         default=None,
-        metadata={"help": f"Recent images the stop rule looks at (default: {DEFAULT_STOP_WINDOW}; 6 for the demo)."},
+        metadata={
+            "help": f"Recent images the stop rule looks at (default: {DEFAULT_STOP_WINDOW}, at most one pass over a "
+            "folder for preserve; 6 for the demo)."
+        },
     )
     temperature: float = field(default=0.1, metadata={"help": "Affinity temperature of the neighbourhood weights."})
     preserve_weight: float = field(
@@ -90,7 +111,7 @@ class TrainingArguments:
 
     def __post_init__(self) -> None:
         checks = {
-            "recipe": self.recipe in ("paper", "preserve"),
+            "recipe": self.recipe in RECIPES,
             "directions": self.directions in DIRECTION_SOURCES,
             "lr": self.lr is None or self.lr > 0,
             "momentum": 0 <= self.momentum < 1,
@@ -100,7 +121,7 @@ class TrainingArguments:
             "limit_layers": self.limit_layers >= 1,
             "skip_less_than": self.skip_less_than >= 1,
             "norm_gap": self.norm_gap is None or self.norm_gap > 0,
-            "stop_skip_ratio": 0 < self.stop_skip_ratio <= 1,
+            "stop_skip_ratio": self.stop_skip_ratio is None or 0 < self.stop_skip_ratio <= 1,
             "stop_window": self.stop_window is None or self.stop_window >= 1,
             "temperature": self.temperature > 0,
             "preserve_weight": self.preserve_weight >= 0,
@@ -118,24 +139,41 @@ class TrainingArguments:
         return "log" if self.recipe == "preserve" else "additive"
 
     @property
-    def window_settings(self) -> WindowSettings:
-        """The settings of the defect test and the loss."""
-        return WindowSettings(
+    def defect_test(self) -> DefectTest:
+        """The recipe's defect test (`DefectTest.for_recipe`), with `mask_thr`, `skip_less_than`, `kernel` and
+        `norm_gap`: the one test of the selection sample, the training step, the stop rule and the report."""
+        return DefectTest.for_recipe(
+            self.recipe,
             mask_thr=self.mask_thr,
+            min_tokens=self.skip_less_than,
             kernel=self.kernel,
-            limit_layers=self.limit_layers,
-            skip_less_than=self.skip_less_than,
-            temperature=self.temperature,
-            preserve_weight=self.preserve_weight,
-            norm_gap=self.resolved_norm_gap,
+            norm_gap=self.norm_gap,
         )
 
     @property
-    def resolved_norm_gap(self) -> float | None:
-        """`norm_gap`, or the recipe's: none for `paper`, `PRESERVE_NORM_GAP` for `preserve`."""
-        if self.norm_gap is not None:
-            return self.norm_gap
-        return PRESERVE_NORM_GAP if self.recipe == "preserve" else None
+    def window_settings(self) -> WindowSettings:
+        """The settings of the defect test and the loss."""
+        return WindowSettings(
+            test=self.defect_test,
+            kernel=self.kernel,
+            limit_layers=self.limit_layers,
+            temperature=self.temperature,
+            preserve_weight=self.preserve_weight,
+        )
+
+    @property
+    def resolved_stop_skip_ratio(self) -> float:
+        """`stop_skip_ratio`, or the recipe's: `PRESERVE_STOP_SKIP_RATIO` or `PAPER_STOP_SKIP_RATIO`."""
+        if self.stop_skip_ratio is not None:
+            return self.stop_skip_ratio
+        return PRESERVE_STOP_SKIP_RATIO if self.recipe == "preserve" else PAPER_STOP_SKIP_RATIO
+
+    @property
+    def stop_window_seeded(self) -> bool:
+        """Whether the stop rule's window starts full of images that had a defect, as the official code's history
+        does (`paper`): the run then checks at least 0.75 · `stop_window` images, across passes over a small folder.
+        `preserve` starts it empty and caps it at one pass over a finite dataset (`capped_stop_window`)."""
+        return self.recipe == "paper"
 
     @property
     def resolved_lr(self) -> float:

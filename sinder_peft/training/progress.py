@@ -15,22 +15,24 @@ from .state import TrainerState
 class TrainingProgress:
     """The progress bar of `SinderTrainer.train` and its tracker logging; use it as a context manager.
 
-    The bar counts steps; its postfix shows the last loss, the most frequent defective layer, how many images the
-    stop rule has checked of its window (`checked`) and the share of them without defect (`skip`), so that a long
-    stretch without a defective image, where no step is taken, still moves.
+    The bar counts steps without a total: the run ends by its stop rule once the images it checks show no defect,
+    usually long before `--max-steps`, so a total (and an ETA) taken from `--max-steps` would be false. The
+    description names that cap; the postfix shows the last loss, the most frequent defective layer, how many images
+    the stop rule has checked of its window (`checked`) and the share of them without defect (`clean`), so that a
+    long stretch without a defective image, where no step is taken, still moves.
 
     Args:
         accelerator: the run's `Accelerator` (the bar shows on the main process only; `log` goes to its trackers).
-        max_steps: the bar's total.
+        max_steps: the cap on steps, named in the bar's description.
         initial_step: the step the run starts from (a resumed run's).
     """
 
     def __init__(self, accelerator: Accelerator, max_steps: int, initial_step: int) -> None:
         self.accelerator = accelerator
         self.bar = tqdm(
-            total=max_steps,
+            total=None,
             initial=initial_step,
-            desc="SINDER repair",
+            desc=f"SINDER repair (until no defect, at most {max_steps} steps)",
             unit="step",
             disable=not accelerator.is_main_process,
         )
@@ -57,7 +59,7 @@ class TrainingProgress:
             loss=f"{state.last_loss:.4f}" if state.last_loss is not None else "-",
             layer=latest_layer,
             checked=f"{min(window_images, stop_window)}/{stop_window}",
-            skip=f"{ratio:.2f}",
+            clean=f"{ratio:.2f}",
             images=state.images_seen,
         )
         if result["defective"] > 0 and not math.isnan(result["loss"]):

@@ -1,8 +1,10 @@
 """What a repair run has done so far, and the rule that says when it is done.
 
 `TrainerState` is everything that evolves during training and goes into a checkpoint besides the shifts and the
-optimizer (`checkpoints.py`). Its `stop_reason` applies the paper's stop rule: at `max_steps`, or once
-`stop_skip_ratio` of the last `stop_window` images had no defective layer.
+optimizer (`checkpoints.py`). Its `next_stop_reason` applies the recipe's stop rule: at `max_steps`, or once
+`stop_skip_ratio` of the last `stop_window` images had no defective layer; with a *seeded* window (the paper's, as
+the official code's history of 1,000 entries starts full of "had a defect"), the images not seen yet count as
+defective, so the run checks at least `stop_skip_ratio · stop_window` images.
 """
 
 from __future__ import annotations
@@ -69,14 +71,21 @@ class TrainerState:
                 self.defective_layers[key] = self.defective_layers.get(key, 0) + int(count)
 
     def next_stop_reason(
-        self, *, interrupted: bool, max_steps: int, stop_window: int, stop_skip_ratio: float
+        self, *, interrupted: bool, max_steps: int, stop_window: int, stop_skip_ratio: float, seeded: bool = False
     ) -> str | None:
-        """Return why training must stop now ("interrupted", "max_steps", "skip_ratio"), or None to go on."""
+        """Return why training must stop now ("interrupted", "max_steps", "skip_ratio"), or None to go on.
+
+        The skip ratio is taken over the last `stop_window` images; before that many were seen, an unseeded window
+        does not stop, and a `seeded` one counts the missing images as defective (the official code's rule)."""
         if interrupted:
             return "interrupted"
         if self.step >= max_steps:
             return "max_steps"
         ratio, images = self.recent_skip_ratio()
-        if images >= stop_window and ratio >= stop_skip_ratio:
+        if seeded:
+            skipped = sum(skipped for _, skipped in self.recent)
+            if skipped >= stop_skip_ratio * stop_window:
+                return "skip_ratio"
+        elif images >= stop_window and ratio >= stop_skip_ratio:
             return "skip_ratio"
         return None

@@ -242,7 +242,7 @@ class SinderTrainer:
         `self.state` (see `load_checkpoint`), including the position in the current epoch.
         """
         args = self.args
-        stop_window = capped_stop_window(args.resolved_stop_window, dataset)
+        stop_window = capped_stop_window(args.resolved_stop_window, dataset, seeded=args.stop_window_seeded)
         progress = TrainingProgress(self.accelerator, args.max_steps, self.state.step)
         started = time.perf_counter() - self.state.seconds
         last_saved = self.state.step
@@ -273,7 +273,8 @@ class SinderTrainer:
                         interrupted=self.interruption.requested,
                         max_steps=args.max_steps,
                         stop_window=stop_window,
-                        stop_skip_ratio=args.stop_skip_ratio,
+                        stop_skip_ratio=args.resolved_stop_skip_ratio,
+                        seeded=args.stop_window_seeded,
                     )
                     if args.save_every and self.state.step - last_saved >= args.save_every:
                         self.save_checkpoint()
@@ -311,10 +312,11 @@ class SinderTrainer:
         self.optimizer.load_state_dict(optimizer_state)
 
 
-def capped_stop_window(stop_window: int, dataset: Dataset | IterableDataset) -> int:
+def capped_stop_window(stop_window: int, dataset: Dataset | IterableDataset, *, seeded: bool = False) -> int:
     """Return the stop rule's window for `dataset`: `stop_window`, capped by the number of images of a finite
-    (map-style) dataset, so that a model without defect is answered after at most one pass over its data."""
-    if isinstance(dataset, IterableDataset):
+    (map-style) dataset, so that the data checked is at most one pass; a `seeded` window (the paper's) is not capped:
+    it spans passes over a small folder, as the official code's does."""
+    if seeded or isinstance(dataset, IterableDataset):
         return stop_window
     return max(1, min(stop_window, len(dataset)))
 

@@ -1,11 +1,11 @@
 """One batch's SINDER loss: find each image's defective layer, then take the loss over its gradient window.
 
 1. *Find the defective layer* of every image (`WindowLoss.find_defective_layers`): run the blocks in order, and at
-   each layer flag the patch tokens whose |cos| with that layer's defect direction is an outlier
-   (`analysis.detection.detect_layer_defects`); the first layer with at least `skip_less_than` flags (and, with a
-   `norm_gap`, a flagged token at that many times the median norm) is the image's defective layer. An image leaves
-   the pass at its defective layer, and the pass stops as soon as every image has one (early exit: the rest of the
-   network is never run). Images without a defective layer are skipped.
+   each layer apply the recipe's defect test (`analysis.detection.detect_layer_defects`, `DefectTest`: at least
+   `skip_less_than` tokens whose |cos| with that layer's defect direction is an outlier and, with a `norm_gap`, one of
+   them a high-norm defect token, born in a block); the first layer that passes is the image's defective layer. An
+   image leaves the pass at its defective layer, and the pass stops as soon as every image has one (early exit: the
+   rest of the network is never run). Images without a defective layer are skipped.
    When the caller has autograd on, this pass records it: only the adapter's shifts require a gradient, so the graph
    starts at the first adapted block.
 2. *Take the loss with a gradient window* (`WindowLoss.window_loss`): each image gives the loss at its defective layer,
@@ -33,7 +33,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from ..analysis.detection import detect_layer_defects, patch_grid
+from ..analysis.detection import DefectTest, detect_layer_defects, patch_grid
 from ..tuner.architectures import describe_model, get_blocks, unwrap_backbone
 from .loss import feature_preservation_loss, smooth_neighbourhood_loss
 
@@ -120,16 +120,14 @@ class BatchLoss:
 
 @dataclass(frozen=True)
 class WindowSettings:
-    """The settings of the defect test and of the loss (the fields of `TrainingArguments` with the same names;
-    `norm_gap` is its resolved `norm_gap`: None for none)."""
+    """The settings of the defect test and of the loss (`TrainingArguments.window_settings`): the recipe's
+    `DefectTest`, and the fields of `TrainingArguments` with the same names."""
 
-    mask_thr: float
+    test: DefectTest
     kernel: int
     limit_layers: int
-    skip_less_than: int
     temperature: float
     preserve_weight: float
-    norm_gap: float | None = None
 
 
 class WindowLoss:
@@ -181,7 +179,6 @@ class WindowLoss:
         batch = pixel_values.shape[0]
         patch = self.description.patch_size
         height, width = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
-        border = settings.kernel // 2
 
         layers = [-1] * batch
         masks: dict[int, torch.Tensor] = {}
@@ -192,6 +189,7 @@ class WindowLoss:
         searched = list(range(batch))  # the images of the rows of `hidden`
         with torch.no_grad():
             hidden, block_kwargs = self._embed(pixel_values)
+            input_patches = patch_grid(hidden, self.description, height, width)
         for index in range(len(self.blocks)):
             block_inputs.append(hidden)
             block_rows.append(searched)
@@ -204,12 +202,7 @@ class WindowLoss:
             hidden = self._run_block(index, hidden, block_kwargs)
             tokens = patch_grid(hidden, self.description, height, width)  # attached to the graph, if any
             found = detect_layer_defects(
-                tokens.detach(),
-                self.directions[index],
-                mask_thr=settings.mask_thr,
-                border=border,
-                min_tokens=settings.skip_less_than,
-                norm_gap=settings.norm_gap,
+                tokens.detach(), self.directions[index], input_patches[searched], settings.test
             )
             for row, image in enumerate(searched):
                 if found.defective[row]:

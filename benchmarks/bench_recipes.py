@@ -37,14 +37,14 @@ from common import (
     write_json,
 )
 
-from sinder_peft.analysis.detection import find_defect_tokens
+from sinder_peft.analysis.detection import RECIPE_NORM_GAPS, find_defect_tokens
 from sinder_peft.analysis.preservation import clean_token_cosine, clean_token_mask, output_features, pooled_cosine
 from sinder_peft.images.preprocessing import normalize_image
 from sinder_peft.jobs.repair import repair
 from sinder_peft.jobs.repair_arguments import RepairArguments
 from sinder_peft.synthetic.demo import generate_demo_image
 from sinder_peft.synthetic.random_planting import build_random_planted_dinov2
-from sinder_peft.training.arguments import PRESERVE_NORM_GAP, TrainingArguments
+from sinder_peft.training.arguments import TrainingArguments
 
 RECIPES = ("paper", "preserve")
 TRAIN_SEEDS = range(300, 324)
@@ -69,7 +69,7 @@ def step_function(
 
 STEP_VARIANTS: dict[str, tuple[str, float | None]] = {
     "paper": ("paper", None),
-    "paper+gap": ("paper", PRESERVE_NORM_GAP),
+    "paper+gap": ("paper", RECIPE_NORM_GAPS["preserve"]),
     "preserve": ("preserve", None),
 }
 

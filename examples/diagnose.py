@@ -25,7 +25,10 @@ def main() -> None:
 
     report = diagnose(args.model, args.images, output_dir=args.output_dir, resolution=args.resolution)
 
-    print(f"{report['num_defective_images']} of {report['num_images']} images have defect tokens.")
+    print(
+        f"{report['num_defective_images']} of {report['num_images']} images are defective ({report['recipe']} "
+        f"recipe's test), {report['num_images_with_high_norm_defects']} have a high-norm defect."
+    )
     for entry in report["images"]:
         ratios = entry["max_median_norm_ratio"]
         print(

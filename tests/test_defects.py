@@ -17,7 +17,13 @@ from scipy.stats import norm
 from transformers import Dinov2Config, Dinov2Model
 from transformers.activations import ACT2FN
 
-from sinder_peft.analysis.detection import DefectAnalysis, defect_token_mask, direction_cosines, find_defect_tokens
+from sinder_peft.analysis.detection import (
+    DefectAnalysis,
+    DefectTest,
+    defect_token_mask,
+    direction_cosines,
+    find_defect_tokens,
+)
 from sinder_peft.analysis.directions import (
     expected_activation_jacobian,
     expected_gated_jacobian,
@@ -511,7 +517,8 @@ def test_analysis_fields_agree_with_the_full_forward(planted_gelu, fresh_pixel_v
 def test_analysis_to_dict_is_json_serializable(planted_gelu, fresh_pixel_values: torch.Tensor) -> None:
     analysis = find_defect_tokens(planted_gelu.model, fresh_pixel_values[:2])
     report = json.loads(json.dumps(analysis.to_dict()))
-    assert report["grid_size"] == [16, 16] and report["num_layers"] == 6 and report["mask_thr"] == 4.0
+    assert report["grid_size"] == [16, 16] and report["num_layers"] == 6
+    assert report["defect_test"]["mask_thr"] == 4.0 and report["defect_test"]["norm_gap"] == 4.0
     for index, image in enumerate(report["images"]):
         layer = image["first_defective_layer"]
         assert layer == int(analysis.first_defective_layer[index]) == planted_gelu.defect_layer
@@ -540,7 +547,7 @@ def test_no_defect_gives_minus_one(planted_gelu) -> None:
 )
 def test_unusable_images_raise(planted_gelu, shape: tuple[int, ...], kernel: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        find_defect_tokens(planted_gelu.model, torch.zeros(shape), kernel=kernel)
+        find_defect_tokens(planted_gelu.model, torch.zeros(shape), test=DefectTest(border=kernel // 2))
 
 
 def test_smallest_grid_and_wrong_directions(planted_gelu) -> None:
@@ -707,44 +714,3 @@ def test_defect_tokens_are_measured_on_the_models_own_block_outputs(family: str)
         patches = hidden_states[layer + 1][:, description.num_prefix_tokens :].reshape(2, *grid, -1)
         torch.testing.assert_close(analysis.token_norms[:, layer], patches.norm(dim=-1), rtol=1e-5, atol=1e-5)
     assert (analysis.first_defective_layer == planted.defect_layer).all()
-
-
-def test_high_norm_defects_needs_a_real_norm_gap() -> None:
-    """Two images flagged by the cosine test at layer 0 (3 tokens each): in the first the flagged tokens reach 5x the
-    median norm one layer later, in the second every norm is flat (a chance 4-sigma cosine outlier after a repair).
-    Only the first is a high-norm defect; an image without a defective layer never is."""
-    from sinder_peft.analysis.detection import DefectAnalysis, DefectDirections
-
-    layers, height, width = 2, 5, 5
-    masks = torch.zeros(3, layers, height, width, dtype=torch.bool)
-    masks[:2, 0, 2, 1:4] = True
-    norms = torch.ones(3, layers, height, width)
-    norms[0, 1, 2, 2] = 5.0
-    norms[1, :, 2, 1:4] = 1.5
-    analysis = DefectAnalysis(
-        grid_size=(height, width),
-        directions=torch.zeros(layers, 4),
-        cosines=torch.zeros(3, layers, height, width),
-        masks=masks,
-        first_defective_layer=torch.tensor([0, 0, -1]),
-        token_norms=norms,
-        max_median_norm_ratio=norms.flatten(2).max(-1).values,
-        high_norm_share=torch.zeros(3, layers),
-        last_patch_features=torch.zeros(3, height, width, 4),
-        mask_thr=4.0,
-        min_tokens=3,
-        kernel=3,
-        norm_threshold=None,
-        defect_directions=DefectDirections(
-            directions=torch.zeros(layers, 4),
-            weights_directions=torch.zeros(layers, 4),
-            sources=("weights",) * layers,
-            weights_cosines=(None,) * layers,
-            high_norm_tokens=(0,) * layers,
-            requested="weights",
-        ),
-        weights_cosines=torch.zeros(3, layers, height, width),
-    )
-    assert analysis.high_norm_defects().tolist() == [True, False, False]
-    assert analysis.high_norm_defects(norm_gap=6.0).tolist() == [False, False, False]
-    assert analysis.high_norm_defects(norm_gap=1.5).tolist() == [True, True, False]

@@ -15,7 +15,7 @@ from conftest import REPO_ROOT
 from PIL import Image
 from transformers import ConvNextConfig, ConvNextModel
 
-from sinder_peft.analysis.detection import find_defect_tokens
+from sinder_peft.analysis.detection import DefectTest, find_defect_tokens
 from sinder_peft.analysis.directions import singular_defect_directions
 from sinder_peft.images.preprocessing import prepare_image
 from sinder_peft.jobs.diagnose import add_parser, diagnose, run
@@ -61,7 +61,7 @@ def test_report_matches_a_direct_computation(demo_run: tuple[dict, Path, list[Pa
     for path, entry in zip(images, report["images"], strict=True):
         with Image.open(path) as image:
             pixel_values = prepare_image(image, RESOLUTION, 14, ImageNormalization())[None]
-        analysis = find_defect_tokens(model, pixel_values, directions, mask_thr=4.0, min_tokens=3)
+        analysis = find_defect_tokens(model, pixel_values, directions, test=DefectTest(mask_thr=4.0, min_tokens=3))
         assert entry["grid_size"] == [pixel_values.shape[-2] // 14, pixel_values.shape[-1] // 14]
         assert entry["first_defective_layer"] == int(analysis.first_defective_layer[0])
         assert entry["max_median_norm_ratio"] == pytest.approx(analysis.max_median_norm_ratio[0].tolist(), rel=1e-6)

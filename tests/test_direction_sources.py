@@ -172,7 +172,8 @@ def test_sparse_unit_is_a_real_miss_of_the_weights() -> None:
         for source in ("auto", "data"):
             analysis = find_defect_tokens(planted.model, pixels, direction_source=source)
             assert (analysis.defect_token_counts[:, layer] >= 3).all(), (name, source)
-            assert analysis.high_norm_defects().all(), (name, source)
+            assert analysis.high_norm_defect_images.all(), (name, source)
+            assert (analysis.first_defective_layer == layer).all(), (name, source)
             assert analysis.defect_directions.sources[layer] == "data"
             assert abs(float(analysis.directions[layer] @ planted.direction)) > 0.99
             planted_positions = planted.planted_positions(pixels)
@@ -194,7 +195,7 @@ def test_auto_keeps_the_weights_where_they_explain_the_defect() -> None:
     for model, pixels in models:
         auto = find_defect_tokens(model, pixels, direction_source="auto")
         weights = find_defect_tokens(model, pixels, direction_source="weights")
-        assert auto.high_norm_layers(), type(model).__name__
+        assert auto.high_norm_defect_layers(), type(model).__name__
         assert auto.defect_directions.sources == ("weights",) * auto.num_layers
         assert torch.equal(auto.masks, weights.masks) and torch.equal(
             auto.first_defective_layer, weights.first_defective_layer
@@ -243,8 +244,8 @@ def test_auto_repairs_what_the_weights_miss(name: str, tmp_path: Path, training_
     assert layers[planted.defect_layer]["weights_cosine"] < 0.5
     assert all(entry["source"] == "weights" for entry in layers[: planted.defect_layer])
     before = result.report["before"]
-    assert before["images_with_high_norm_tokens"] > 0 and before["high_norm_tokens_per_layer"][planted.defect_layer]
-    assert result.report["after"]["images_with_high_norm_tokens"] == 0
+    assert before["images_with_defects"] > 0 and before["high_norm_defect_tokens_per_layer"][planted.defect_layer]
+    assert result.report["after"]["images_with_defects"] == 0 and result.report["outcome"] == "repaired"
 
 
 def test_weights_leave_the_miss_and_say_so(tmp_path: Path, training_images: Path) -> None:
@@ -258,12 +259,13 @@ def test_weights_leave_the_miss_and_say_so(tmp_path: Path, training_images: Path
         model=str(source), data=str(training_images), resolution=224, output_dir=str(tmp_path / "run")
     )
     result = repair(arguments, TrainingArguments(directions="weights", max_steps=200))
-    assert result.state.step == 0 and not result.report["repaired"]
+    assert result.state.step == 0 and not result.report["repaired"] and result.report["outcome"] == "not_repaired"
     assert result.state.images_seen <= TRAINING_IMAGES and result.report["training"]["stop_window"] == TRAINING_IMAGES
     assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "adapter").exists()
     text = summary_text(result.report, tmp_path / "run")
-    assert "high-norm tokens are present" in text and "Nothing needed repair" not in text
-    assert result.report["before"]["images_with_high_norm_tokens"] > 0
+    assert text.startswith("Not repaired") and "high-norm defect tokens are present" in text
+    assert "Nothing needed repair" not in text and "Repaired" not in text
+    assert result.report["before"]["images_with_defects"] > 0
 
 
 def test_data_directions_in_two_processes(tmp_path: Path, training_images: Path) -> None:
@@ -315,7 +317,7 @@ def test_clean_model_has_nothing_to_repair(tmp_path: Path, training_images: Path
     assert "Nothing needed repair" in result.stdout and "No model written" in result.stdout
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["stop_reason"] == "nothing_to_repair" and report["images_seen"] == 0 and not report["repaired"]
-    assert report["before"]["images_with_high_norm_tokens"] == 0
+    assert report["before"]["images_with_defects"] == 0 and report["outcome"] == "nothing_to_repair"
     assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -327,9 +329,10 @@ def test_diagnose_and_evaluate_report_the_high_norm_tokens(tmp_path: Path, train
     images = sorted(training_images.iterdir())[:3]
     layer = planted.defect_layer
     weights = diagnose(str(source), images, output_dir=tmp_path / "weights", resolution=224, directions="weights")
-    assert weights["num_defective_images"] == 0 and weights["num_images_with_high_norm_tokens"] == 3
+    assert weights["num_defective_images"] == 0 and weights["num_images_with_high_norm_defects"] == 3
     assert weights["high_norm_weights_cosine"][layer] < 0.5
-    assert all(entry["num_high_norm_tokens"][layer] > 0 for entry in weights["images"])
+    assert all(entry["num_high_norm_defect_tokens"][layer] > 0 for entry in weights["images"])
+    assert all(entry["first_high_norm_defect_layer"] == layer for entry in weights["images"])
     auto = diagnose(str(source), images, output_dir=tmp_path / "auto", resolution=224)
     assert auto["num_defective_images"] == 3 and auto["earliest_first_defective_layer"] == layer
     assert auto["directions"]["layers"][layer]["source"] == "data"
@@ -342,7 +345,7 @@ def test_diagnose_and_evaluate_report_the_high_norm_tokens(tmp_path: Path, train
             directions=directions,
         )
         section = evaluate_models([("sparse", planted.model, ImageNormalization())], args)["models"][0]["defects"]
-        assert section["images_with_high_norm_tokens"] == 100.0
+        assert section["images_with_high_norm_defects"] == 100.0
         assert section["images_with_defects"] == defective, directions
         assert section["per_layer_high_norm_tokens"][layer] > 0
         assert section["per_layer_high_norm_weights_cosine"][layer] < 0.5

@@ -177,6 +177,10 @@ def summary_text(report: dict[str, Any], output_dir: Path) -> str:
         )
     else:
         lines.append(f"No model written: nothing was removed. Report in {output_dir / 'report.json'}")
+        if report["steps"] > 0:
+            lines.append(
+                f"  The training checkpoint is kept: --resume {output_dir} with a larger --max-steps continues it."
+            )
     return "\n".join(lines)
 
 

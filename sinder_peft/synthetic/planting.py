@@ -389,15 +389,15 @@ def generate_spot_image(seed: int, size: int = 224, patch: int = 16) -> Image.Im
 
 
 def generate_block_image(seed: int, size: int = 224, patch: int = 14) -> Image.Image:
-    """Return a flat grey picture with one white block: the grey is uniform in [0.36, 0.40] with a faint texture
-    (±0.02), and the block covers 2×2 to 3×3 patches of the `patch`-pixel grid, two patches or more from the border.
+    """Return a flat grey picture with one white block: the grey is uniform in [0.37, 0.39] with a faint texture
+    (±0.01), and the block covers 2×2 to 3×3 patches of the `patch`-pixel grid, two patches or more from the border.
 
     On `build_random_planted_dinov2(long_input=True)` models the block's patches are long from the embedding on (an
     input feature) and become defects at the planted block.
     """
     rng = np.random.default_rng(seed)
-    texture = rng.uniform(-0.02, 0.02, size=(size // patch, size // patch, 1))
-    picture = np.clip(rng.uniform(0.36, 0.40) + texture.repeat(patch, 0).repeat(patch, 1), 0.0, 1.0)
+    texture = rng.uniform(-0.01, 0.01, size=(size // patch, size // patch, 1))
+    picture = np.clip(rng.uniform(0.37, 0.39) + texture.repeat(patch, 0).repeat(patch, 1), 0.0, 1.0)
     picture = np.repeat(picture, 3, axis=2)
     grid = size // patch
     height, width = (int(value) for value in rng.integers(2, 4, size=2))

@@ -125,13 +125,18 @@ def run_ablation(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]
                         ),
                         TrainingArguments(recipe=recipe, max_steps=args.max_steps, stop_window=len(TRAIN_SEEDS)),
                     )
-                    repaired = type(planted.model).from_pretrained(scratch / name / recipe / "model").eval()
+                    # a run whose outcome is not_repaired writes no model/: the input is the result
+                    written = scratch / name / recipe / "model"
+                    repaired = (
+                        type(planted.model).from_pretrained(written).eval() if written.is_dir() else planted.model
+                    )
                     after = find_defect_tokens(repaired, held_out)
                     after_features = output_features(repaired, held_out)
                     rows.append(
                         {
                             "model": name,
                             "recipe": recipe,
+                            "outcome": result.report["outcome"],
                             "ratio_before": float(before.max_median_norm_ratio[:, -1].mean()),
                             "ratio_after": float(after.max_median_norm_ratio[:, -1].mean()),
                             "ratio_after_max": float(after.max_median_norm_ratio[:, -1].max()),

@@ -18,6 +18,8 @@ first (the README's map of the code):
 from .analysis.detection import (
     DefectAnalysis,
     DefectDirections,
+    DefectTest,
+    born_high_norm_mask,
     defect_token_mask,
     direction_cosines,
     estimate_defect_directions,
@@ -67,6 +69,8 @@ __all__ = [
     "ArchitectureDescription",
     "DefectAnalysis",
     "DefectDirections",
+    "DefectTest",
+    "born_high_norm_mask",
     "EvaluationArguments",
     "HubUploadError",
     "ImageNormalization",

@@ -436,11 +436,6 @@ class DefectAnalysis:
         """Number of layers analysed."""
         return self.masks.shape[1]
 
-    @property
-    def kernel(self) -> int:
-        """The loss window whose border ring the test never flags."""
-        return 2 * self.test.border + 1
-
     def first_images(self, count: int) -> DefectAnalysis:
         """Return the analysis of the first `count` images only."""
         values = {item.name: getattr(self, item.name) for item in fields(self)}
@@ -610,12 +605,11 @@ def _layer_patch_grids(
 
 
 def _high_norm_defect_rows(
-    patches: torch.Tensor, input_patches: torch.Tensor, limit: int = MAX_DIRECTION_TOKENS
+    patches: torch.Tensor, added_norms: torch.Tensor, limit: int = MAX_DIRECTION_TOKENS
 ) -> torch.Tensor:
-    """Return the high-norm defect tokens of a patch grid [B, H, W, C] (`born_high_norm_mask`; `input_patches` the
-    same tokens at the embedding output) as rows [n, C] (at most `limit`, the first ones)."""
-    born = born_high_norm_mask(patches.norm(dim=-1), (patches - input_patches).norm(dim=-1))
-    return patches[born][:limit]
+    """Return the high-norm defect tokens of a patch grid [B, H, W, C] (`born_high_norm_mask`; `added_norms`
+    [B, H, W] the norms of what the blocks added since the embedding) as rows [n, C] (at most `limit`, the first)."""
+    return patches[born_high_norm_mask(patches.norm(dim=-1), added_norms)][:limit]
 
 
 def estimate_defect_directions(
@@ -644,7 +638,8 @@ def estimate_defect_directions(
         input_patches = next(grids)
         for index, patches in enumerate(grids):
             kept = sum(rows.shape[0] for rows in pooled[index])
-            pooled[index].append(_high_norm_defect_rows(patches, input_patches, MAX_DIRECTION_TOKENS - kept).cpu())
+            added = (patches - input_patches).norm(dim=-1)
+            pooled[index].append(_high_norm_defect_rows(patches, added, MAX_DIRECTION_TOKENS - kept).cpu())
     layers = [
         choose_direction(torch.cat(rows), weights[index].cpu(), source, min_tokens=min_tokens)
         for index, rows in enumerate(pooled)
@@ -698,9 +693,10 @@ def find_defect_tokens(
     grids = _layer_patch_grids(backbone, description, pixel_values, height, width)
     input_patches = next(grids)
     for index, patches in enumerate(grids):
+        added = (patches - input_patches).norm(dim=-1)
         if chosen is None:
             layer = choose_direction(
-                _high_norm_defect_rows(patches, input_patches),
+                _high_norm_defect_rows(patches, added),
                 weights[index],
                 direction_source,
                 min_tokens=test.min_tokens,
@@ -719,7 +715,7 @@ def find_defect_tokens(
             layer_cosines if layer.source == "weights" else direction_cosines(patches, weights[index]).cpu()
         )
         norms.append(patches.norm(dim=-1).cpu())
-        added_norms.append((patches - input_patches).norm(dim=-1).cpu())
+        added_norms.append(added.cpu())
     cosine_tensor = torch.stack(cosines, dim=1)
     norm_tensor = torch.stack(norms, dim=1)
     added_tensor = torch.stack(added_norms, dim=1)

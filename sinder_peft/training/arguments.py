@@ -43,7 +43,7 @@ class TrainingArguments:
         default="preserve",
         metadata={
             "help": "preserve (the default): log-scale shifts S * exp(delta), a defect test that needs a high-norm "
-            f"defect token (>= {HIGH_NORM_FACTOR:g}x the median norm, grown since the embedding), lr {PRESERVE_LR}, "
+            f"defect token (>= {HIGH_NORM_FACTOR:g}x the median norm, added by the blocks), lr {PRESERVE_LR}, "
             "and a stop once the data checked shows no defect: it removes the defect without moving clean tokens "
             "where the paper's recipe moves them (docs/method.md §7, §9); paper: the paper's exact recipe, "
             f"additive singular-value shifts at lr {PAPER_LR}, the cosine test alone, the official stop rule."
@@ -80,7 +80,8 @@ class TrainingArguments:
         default=None,
         metadata={
             "help": "A layer is defective only if a flagged token is also a high-norm defect token at this many times "
-            "the median token norm, grown since the embedding (default: none for the paper recipe, "
+            "the median token norm, that much added by the blocks since the embedding (default: none for the paper "
+            "recipe, "
             f"{RECIPE_NORM_GAPS['preserve']:g} for preserve)."
         },
     )

@@ -134,7 +134,7 @@ def _draw_pca(axis: Axes, features: torch.Tensor, title: str) -> None:
         rows, columns = torch.nonzero(outliers, as_tuple=True)
         axis.scatter(columns.numpy(), rows.numpy(), marker="x", s=30, c="white", linewidths=1.5)
         axis.scatter(columns.numpy(), rows.numpy(), marker="x", s=30, c="black", linewidths=0.6)
-        title = f"{title}\n× = high-norm tokens (not fitted)"
+        title = f"{title}\n× = norm outliers, > 6 MAD (not fitted)"
     axis.set_title(title)
 
 

@@ -345,6 +345,7 @@ def test_diagnose_and_evaluate_report_the_high_norm_tokens(tmp_path: Path, train
             directions=directions,
         )
         section = evaluate_models([("sparse", planted.model, ImageNormalization())], args)["models"][0]["defects"]
+        assert section["defect_test"]["norm_gap"] == 4.0  # the default recipe's test, preserve
         assert section["images_with_high_norm_defects"] == 100.0
         assert section["images_with_defects"] == defective, directions
         assert section["per_layer_high_norm_tokens"][layer] > 0

@@ -22,6 +22,7 @@ from transformers import BitImageProcessor
 from sinder_peft.images.preprocessing import prepare_image
 from sinder_peft.jobs.repair import repair
 from sinder_peft.jobs.repair_arguments import RepairArguments
+from sinder_peft.jobs.repair_report import OUTCOME_EXIT_CODES
 from sinder_peft.synthetic.demo import build_demo_model, demo_image_paths
 from sinder_peft.training.arguments import TrainingArguments
 from sinder_peft.tuner.architectures import IMAGENET_MEAN, IMAGENET_STD, ImageNormalization
@@ -65,7 +66,7 @@ json.dump({{"code": code, "opened": sorted(opened)}}, open({str(tmp_path / "open
     run_python(script, cwd=REPO_ROOT)
     result = json.loads((tmp_path / "opened.json").read_text())
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert result["code"] == 0 and report["steps"] == 5
+    assert result["code"] == OUTCOME_EXIT_CODES[report["outcome"]] and report["steps"] == 5
     # 8 selection images (one of them replaced by its successor) and the 5 training images
     assert len(result["opened"]) <= 8 + 1 + report["images_seen"] <= 20
     selection = report["selection_images"]
@@ -173,7 +174,8 @@ def run_fresh_pipeline(model_dir: Path) -> str:
 def test_model_dir_keeps_the_source_image_processor(tmp_path: Path) -> None:
     source = tmp_path / "source"
     save_planted_model_with_processor(source)
-    repair(RepairArguments(model=str(source), output_dir=str(tmp_path / "run")), TrainingArguments(max_steps=2))
+    result = repair(RepairArguments(model=str(source), output_dir=str(tmp_path / "run")), TrainingArguments())
+    assert result.report["outcome"] == "repaired"  # a model/ is written for a repaired (or partly repaired) model
     written = json.loads((tmp_path / "run" / "model" / "preprocessor_config.json").read_text())
     assert written == json.loads((source / "preprocessor_config.json").read_text())
     assert "BitImageProcessor" in run_fresh_pipeline(tmp_path / "run" / "model")
@@ -182,7 +184,8 @@ def test_model_dir_keeps_the_source_image_processor(tmp_path: Path) -> None:
 def test_model_dir_of_a_model_without_processor_gets_the_repair_preprocessing(tmp_path: Path) -> None:
     """The demo has no processor: model/ gets a BitImageProcessor doing what the repair did (short side to the
     resolution, centre square crop, ImageNet mean/std), which loads and runs without sinder_peft."""
-    repair(RepairArguments(output_dir=str(tmp_path / "run")), TrainingArguments(max_steps=2))
+    result = repair(RepairArguments(output_dir=str(tmp_path / "run")), TrainingArguments())
+    assert result.report["outcome"] == "repaired"
     model_dir = tmp_path / "run" / "model"
     config = json.loads((model_dir / "preprocessor_config.json").read_text())
     assert config["image_processor_type"] == "BitImageProcessor"
@@ -219,8 +222,6 @@ def test_upload_failure_ends_both_processes_quickly(tmp_path: Path) -> None:
             "examples/repair.py",
             "--output-dir",
             str(tmp_path / "run"),
-            "--max-steps",
-            "2",
             "--push-to-hub",
             "someone/failing",
             "--hub-token",
@@ -295,9 +296,7 @@ def test_a_resolution_that_is_not_a_multiple_of_the_patch_size(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level("WARNING", logger="sinder_peft.jobs.repair_setup"):
-        result = repair(
-            RepairArguments(output_dir=str(tmp_path / "run"), resolution=230), TrainingArguments(max_steps=1)
-        )
+        result = repair(RepairArguments(output_dir=str(tmp_path / "run"), resolution=230), TrainingArguments())
     assert "--resolution 230 is not a multiple of the patch size 14: training on 224x224 crops" in caplog.text
     assert result.report["resolution"] == 224 and result.report["requested_resolution"] == 230
     card = (tmp_path / "run" / "model" / "README.md").read_text()

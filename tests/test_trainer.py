@@ -401,9 +401,11 @@ def test_two_processes_with_an_image_free_of_defects(tmp_path: Path) -> None:
     Image.new("RGB", (224, 224), (60, 90, 120)).save(data / "plain.png")
     output_dir = tmp_path / "run"
     arguments = ["--data", str(data), "--output-dir", str(output_dir), "--lr", "0.0005", "--max-steps", "4"]
-    launched = launch_two_processes(["examples/repair.py", *arguments, "--stop-window", "1000"], (0, 3, 4))
+    # four steps at a small learning rate remove little or nothing: the outcome's status is non-zero then, and the
+    # launcher (torch.distributed.run, as accelerate launch) turns a non-zero status of its processes into 1
+    launched = launch_two_processes(["examples/repair.py", *arguments, "--stop-window", "1000"], (0, 1))
     report = json.loads((output_dir / "report.json").read_text())
-    assert launched.returncode == OUTCOME_EXIT_CODES[report["outcome"]]
+    assert (launched.returncode == 0) == (OUTCOME_EXIT_CODES[report["outcome"]] == 0)
     assert report["processes"] == 2
     assert report["steps"] == 4
     # 2 images per step (one per process), one of them without defect: half the images are skipped

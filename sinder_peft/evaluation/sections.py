@@ -420,6 +420,7 @@ def _defect_section(
         ).to_dict(),
         "num_images": len(norms),
         "resolution": args.defect_resolution,
+        "defect_test": args.defect_test.to_dict(),
     }
     return section, list(norms[: args.norm_map_images])
 

@@ -16,12 +16,13 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+from transformers import HfArgumentParser
 
 from ..analysis.detection import (
     DIRECTION_SOURCE_HELP,
@@ -36,6 +37,7 @@ from ..analysis.directions import singular_defect_directions
 from ..images.datasets import find_image_files
 from ..images.preprocessing import load_image, normalize_image, resize_and_crop
 from ..models.loading import DEMO_MODEL_NAME, ModelNotAvailableError, load_backbone
+from ..models.other_libraries import ModelKwargsArguments
 from ..synthetic.demo import demo_image_paths
 from ..tuner.architectures import describe_model
 from ..visualization.figures import save_diagnosis_figure, save_layer_norm_plot
@@ -141,6 +143,7 @@ def diagnose(
     min_tokens: int = 3,
     directions: DirectionSource = "auto",
     device: str | torch.device | None = None,
+    model_kwargs: str | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Diagnose the singular defects of `model` on `images` and write the report and figures to `output_dir`.
 
@@ -155,6 +158,8 @@ def diagnose(
         directions: where each layer's defect direction comes from ("weights", "data" or "auto"), chosen once
             from the high-norm tokens of all the images (`analysis.detection.estimate_defect_directions`).
         device: where to run the model; default CUDA when available, else CPU.
+        model_kwargs: for a timm model, keyword arguments of `timm.create_model` (`--model-kwargs`; see
+            `load_backbone`).
 
     Returns:
         The report written to `report.json`.
@@ -167,7 +172,7 @@ def diagnose(
     """
     paths = resolve_image_paths(images, model)
     pictures = [load_image(path) for path in paths]
-    backbone, normalization = load_backbone(model)
+    backbone, normalization = load_backbone(model, model_kwargs=model_kwargs)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = backbone.to(device)
     description = describe_model(backbone)
@@ -245,6 +250,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register the `diagnose` subcommand on `subparsers` and return its parser (handler: `run`)."""
     parser = subparsers.add_parser(
         "diagnose",
+        parents=[HfArgumentParser(ModelKwargsArguments, add_help=False)],
         help="find and draw the singular defects of a ViT on images",
         description=(
             "Find the high-norm defect tokens of a ViT on some images. Writes report.json, one "
@@ -254,8 +260,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--model",
         required=True,
-        help="Hub id (e.g. facebook/dinov2-base), a save_pretrained directory, 'demo', timm:NAME_OR_DIR or "
-        "open_clip:ARCH[/PRETRAINED_OR_FILE]",
+        help="Hub id (e.g. facebook/dinov2-base), a save_pretrained directory, 'demo', timm:NAME_OR_DIR, "
+        "timm:hf-hub:ORG/NAME or open_clip:ARCH[/PRETRAINED_OR_FILE]",
     )
     parser.add_argument(
         "images", nargs="*", help="image files or folders of images (default with --model demo: the demo images)"
@@ -290,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
             min_tokens=args.min_tokens,
             directions=args.directions,
             device=args.device,
+            model_kwargs=args.model_kwargs,
         )
     except (FileNotFoundError, ValueError, ModelNotAvailableError, ImportError) as error:
         print(f"sinder diagnose: error: {error}", file=sys.stderr)

@@ -423,6 +423,9 @@ assert not any(name.startswith("sinder_peft") for name in sys.modules)
     out = torch.load(tmp_path / "out.pt")
     assert torch.equal(out["small"], timm_features(model, small))
     assert torch.equal(out["large"], timm_features(model, large))
+    # `--model timm:DIR` resolves the recorded names itself: no --model-kwargs needed to read the export back
+    reloaded = load_timm_model(str(tmp_path / "final"))
+    assert all(torch.equal(reloaded.state_dict()[key], value) for key, value in model.state_dict().items())
 
 
 def test_writing_back_refuses_padding_units_that_are_no_longer_zero() -> None:

@@ -24,12 +24,14 @@ from conftest import REPO_ROOT, run_python
 from transformers import AutoModel
 
 from sinder_peft import load_backbone
+from sinder_peft.cli import main as cli_main
 from sinder_peft.models.loading import load_backbone_and_processor_config
 from sinder_peft.models.timm.loading import load_timm_model, timm_preprocessing
 from sinder_peft.synthetic.planting import generate_spot_image, spot_pixel_values
 from sinder_peft.tuner.architectures import ImageNormalization
 
 timm = pytest.importorskip("timm")
+assert hasattr(timm, "create_model")  # the library itself, not `sinder_peft.models.timm`
 from timm_stand_ins import STAND_INS, build_stand_in, card_kwargs, plant_into, write_to_hub_cache  # noqa: E402
 
 
@@ -104,6 +106,27 @@ def test_refusals_name_the_cause(offline: Path) -> None:
     # Virchow without the card's layers (GELU in the SwiGLU) is a model the conversion refuses, saying why
     with pytest.raises(ValueError, match="SwiGLU gate is gelu"):
         load_backbone("timm:hf-hub:paige-ai/Virchow", model_kwargs={"act_layer": "gelu"})
+
+
+def test_diagnose_and_convert_take_hub_names_and_model_kwargs(offline: Path, tmp_path: Path) -> None:
+    image = tmp_path / "spot.png"
+    generate_spot_image(0, 224, 16).save(image)
+    uni = ["--model", "timm:hf-hub:MahmoodLab/UNI", "--model-kwargs", '{"dynamic_img_size": false}']
+    assert cli_main(["diagnose", *uni, str(image), "--output-dir", str(tmp_path / "diag"), "--resolution", "224"]) == 0
+    assert json.loads((tmp_path / "diag" / "report.json").read_text())["num_layers"] == 4
+    out = tmp_path / "as-transformers"
+    assert cli_main(["convert", "hf-hub:paige-ai/Virchow2", str(out), "--from", "timm"]) == 0
+    converted = AutoModel.from_pretrained(out).eval()
+    reference = load_timm_model("hf-hub:paige-ai/Virchow2")
+    pixels = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _relative(_features(converted, pixels), reference.forward_features(pixels)) < 1e-5
+    back = tmp_path / "back"
+    arguments = ["convert", str(out), str(back), "--from", "transformers", "--to", "timm"]
+    assert cli_main([*arguments, "--template", "hf-hub:paige-ai/Virchow2"]) == 0
+    assert "mlp_layer=timm.layers.SwiGLUPacked" in (back / "README.md").read_text()
+    reloaded = load_timm_model(str(back))
+    assert all(torch.equal(reloaded.state_dict()[key], value) for key, value in reference.state_dict().items())
 
 
 def _spot_images(directory: Path, patch_size: int, seeds: range) -> Path:

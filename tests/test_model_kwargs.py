@@ -127,6 +127,8 @@ def test_timm_names_resolve_and_go_back() -> None:
     resolved = resolve_model_kwargs({"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "silu"}, timm)
     assert resolved == {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": torch.nn.SiLU}
     assert resolve_model_kwargs({"act_layer": "torch.nn.SiLU"}, timm) == {"act_layer": torch.nn.SiLU}
+    assert resolve_model_kwargs({"mlp_layer": "SwiGLUPacked"}, timm) == {"mlp_layer": timm.layers.SwiGLUPacked}
+    assert resolve_model_kwargs({"global_pool": "token"}, timm) == {"global_pool": "token"}  # not a layer: as is
     with pytest.raises(ValueError, match="activation names"):
         resolve_model_kwargs({"act_layer": "no_such_activation"}, timm)
     written = json_model_args({**resolved, "norm_layer": torch.nn.LayerNorm, "depth": 2}, timm)

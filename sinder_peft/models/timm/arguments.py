@@ -8,7 +8,8 @@ A model card passes Python objects to `timm.create_model` (`mlp_layer=timm.layer
   object whose own module lies outside timm and torch ("torch.os.system" is the `os` module's) is refused: the JSON
   may come from a shared command line or a downloaded `config.json`, and must not reach arbitrary code;
 - one of timm's activation names ("silu", "gelu", ...) for an activation (`act_layer`), as timm's `get_act_layer`
-  reads them.
+  reads them; for another layer argument (`mlp_layer`, `norm_layer`, ...), a public name of `timm.layers`
+  ("SwiGLUPacked" is "timm.layers.SwiGLUPacked").
 
 `parse_model_kwargs` reads and checks the JSON without importing anything, so a refusal comes before any model is
 loaded or any file written; `resolve_model_kwargs` turns the names into objects (it needs timm); `json_model_args`
@@ -143,6 +144,9 @@ def _resolve_value(value: Any, key: str, timm: types.ModuleType) -> Any:
             return timm.layers.get_act_layer(value)
         except (KeyError, ValueError) as error:
             raise ValueError(f"--model-kwargs: {key}={value!r} is not one of timm's activation names.") from error
+    if isinstance(value, str) and key.endswith("_layer") and not value.startswith("_") and hasattr(timm.layers, value):
+        # a layer named as timm.layers names it ("SwiGLUPacked"): the same as its dotted name
+        return getattr(timm.layers, value)
     if isinstance(value, list):
         return [_resolve_value(item, key, timm) for item in value]
     if isinstance(value, dict):

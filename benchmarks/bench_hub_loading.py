@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from sinder_peft.models.loading import load_backbone
 from sinder_peft.models.timm.arguments import resolve_model_kwargs
-from sinder_peft.models.timm.loading import require_timm
+from sinder_peft.models.timm.loading import cached_snapshot, require_timm, timm_model_kwargs
 from sinder_peft.models.timm.presets import find_preset
 
 STAND_INS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -106,6 +106,18 @@ def time_load(model: str) -> float:
     return seconds
 
 
+def time_hub_lookup(repo_id: str, rounds: int = 20) -> float:
+    """Return the best seconds of what only the Hub path does: finding the snapshot in the cache and reading the
+    arguments (preset and `config.json`); everything after it is the local directory's path on the same files."""
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        cached_snapshot(repo_id)
+        timm_model_kwargs(f"hf-hub:{repo_id}")
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo-id", default="bioptimus/H-optimus-0", choices=sorted(STAND_INS))
@@ -129,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.rounds):
             for key, model in sources.items():
                 times[key].append(time_load(model))
+        lookup = time_hub_lookup(args.repo_id)
     finally:
         huggingface_hub.constants.HF_HUB_CACHE = original_cache
         if args.workdir is None:
@@ -142,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": times,
         "best_seconds": best,
         "hub_over_local": best["hub_cache"] / best["local_directory"],
+        "hub_lookup_seconds": lookup,
         "machine": machine_description(),
         "args": vars(args),
     }
@@ -154,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             ],
         )
     )
+    print(f"Hub cache lookup (snapshot and arguments), best of 20: {1000 * lookup:.2f} ms")
     if args.output:
         write_json(args.output, payload)
 

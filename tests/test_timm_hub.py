@@ -136,10 +136,13 @@ def _spot_images(directory: Path, patch_size: int, seeds: range) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("repo_id", ["paige-ai/Virchow2", "bioptimus/H-optimus-0"])
+@pytest.mark.parametrize(
+    "repo_id", ["paige-ai/Virchow2", "bioptimus/H-optimus-0", "MahmoodLab/UNI", "MahmoodLab/UNI2-h"]
+)
 def test_a_planted_defect_repair_through_the_hub_cache_reloads_with_timm_alone(repo_id: str, tmp_path: Path) -> None:
-    """Virchow2 (SwiGLU with zero padding units, registers, no class position, dynamic sizes, no --model-kwargs)
-    and H-optimus-0 (its own mean and std) end to end, as `examples/repair.py` runs them."""
+    """End to end, as `examples/repair.py` runs them, without --model-kwargs: Virchow2 (SwiGLU with zero padding
+    units, registers, no class position, dynamic sizes), H-optimus-0 (its own mean and std), UNI (ViT-L/16 with a
+    class position and dynamic sizes: `Dinov2WithRegistersModel` without registers) and UNI2-h (8 registers)."""
     stand_in = STAND_INS[repo_id]
     cache = tmp_path / "hub"
     write_to_hub_cache(repo_id, plant_into(repo_id, build_stand_in(repo_id, randomize=False)), cache)

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from common import add_threads_argument, apply_threads, format_table, machine_description, write_json
 
-from sinder_peft.models.timm_conversion import timm_to_transformers, transformers_to_timm
-from sinder_peft.models.timm_loading import require_timm
+from sinder_peft.models.timm.conversion import timm_to_transformers, transformers_to_timm
+from sinder_peft.models.timm.loading import require_timm
 
 GOAL_SHARE = 0.05
 """Converting both ways may take at most this share of a 100-step repair."""

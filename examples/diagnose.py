@@ -11,19 +11,36 @@ from __future__ import annotations
 import argparse
 import logging
 
+from transformers import HfArgumentParser
+
 from sinder_peft.jobs.diagnose import DEFAULT_RESOLUTION, diagnose
+from sinder_peft.models.other_libraries import ModelKwargsArguments
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[HfArgumentParser(ModelKwargsArguments, add_help=False)],
+    )
     parser.add_argument("images", nargs="*", help="image files or folders (none with --model demo: demo images)")
-    parser.add_argument("--model", default="demo", help="Hub id, save_pretrained directory, or 'demo'")
+    parser.add_argument(
+        "--model",
+        default="demo",
+        help="Hub id, save_pretrained directory, 'demo', timm:NAME_OR_DIR or timm:hf-hub:ORG/NAME",
+    )
     parser.add_argument("--output-dir", default="diagnose-out")
     parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    report = diagnose(args.model, args.images, output_dir=args.output_dir, resolution=args.resolution)
+    report = diagnose(
+        args.model,
+        args.images,
+        output_dir=args.output_dir,
+        resolution=args.resolution,
+        model_kwargs=args.model_kwargs,
+    )
 
     print(
         f"{report['num_defective_images']} of {report['num_images']} images are defective ({report['recipe']} "

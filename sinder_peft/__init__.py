@@ -38,11 +38,11 @@ from .jobs.repair_arguments import RepairArguments
 from .models.conversion import convert_checkpoint, convert_model
 from .models.hub import HubUploadError
 from .models.loading import ModelNotAvailableError, load_backbone
-from .models.open_clip_conversion import open_clip_to_transformers, transformers_to_open_clip
-from .models.open_clip_loading import load_open_clip_model, save_open_clip_model
+from .models.open_clip.conversion import open_clip_to_transformers, transformers_to_open_clip
+from .models.open_clip.loading import load_open_clip_model, save_open_clip_model
 from .models.original_layout import export_original_checkpoint, load_original_checkpoint
-from .models.timm_conversion import timm_to_transformers, transformers_to_timm
-from .models.timm_loading import load_timm_model, save_timm_model
+from .models.timm.conversion import timm_to_transformers, transformers_to_timm
+from .models.timm.loading import load_timm_model, save_timm_model
 from .synthetic.demo import build_demo_model, demo_images
 from .synthetic.planting import PlantedModel, build_planted_model, save_planted_model
 from .training.arguments import TrainingArguments

@@ -288,3 +288,17 @@ def test_recipes_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     preserve = [entry for entry in result["ablation"] if entry["recipe"] == "preserve"]
     assert all(entry["ratio_after_max"] <= 5 and entry["clean_cosine"] >= 0.95 for entry in preserve)
+
+
+def test_hub_loading_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("timm")
+    module = load_benchmark("bench_hub_loading", monkeypatch)
+    output = tmp_path / "hub.json"
+    workdir = tmp_path / "work"
+    module.main(["--quick", "--threads", "1", "--rounds", "1", "--workdir", str(workdir), "--output", str(output)])
+    result = read_json(output)
+    assert result["repo_id"] == "bioptimus/H-optimus-0" and result["parameters"] > 0
+    assert set(result["best_seconds"]) == {"hub_cache", "local_directory"} and result["hub_lookup_seconds"] > 0
+    snapshot = next((workdir / "hub" / "models--bioptimus--H-optimus-0" / "snapshots").iterdir())
+    assert (snapshot / "model.safetensors").is_symlink()  # the cache layout `hf download` leaves
+    assert (snapshot / "model.safetensors").samefile(workdir / "local" / "model.safetensors")

@@ -265,3 +265,29 @@ def test_readme_examples_use_only_the_top_level_api() -> None:
         for imported in re.findall(r"from sinder_peft import \(?([\w, \n]+)\)?", block):
             used |= {name.strip() for name in imported.split(",") if name.strip()}
     assert used and used <= set(sinder_peft.__all__), used - set(sinder_peft.__all__)
+
+
+def test_the_library_named_subpackages_do_not_shadow_their_libraries() -> None:
+    """`sinder_peft.models.timm` and `sinder_peft.models.open_clip` are named after the libraries they read: asking
+    for the library from them gives the library itself, or, where it is not installed, the install hint; never the
+    subpackage."""
+    script = """
+import json
+import sinder_peft.models.open_clip.loading as open_clip_loading
+import sinder_peft.models.timm.loading as timm_loading
+found = {}
+for name, require in (("timm", timm_loading.require_timm), ("open_clip", open_clip_loading.require_open_clip)):
+    try:
+        module = require()
+        found[name] = [module.__name__, str(getattr(module, "__file__", ""))]
+    except ImportError as error:
+        found[name] = ["missing", str(error)]
+print(json.dumps(found))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    for library, (name, detail) in found.items():
+        if name == "missing":
+            assert f"pip install 'sinder-peft[{library}]'" in detail
+        else:
+            assert name == library and str(PACKAGE_DIR) not in detail, (library, detail)

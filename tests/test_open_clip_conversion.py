@@ -1,4 +1,4 @@
-"""OpenCLIP image towers <-> transformers' CLIPVisionModel (`sinder_peft.models.open_clip_conversion`).
+"""OpenCLIP image towers <-> transformers' CLIPVisionModel (`sinder_peft.models.open_clip.conversion`).
 
 Every model here is a tiny random OpenCLIP model built by OpenCLIP itself, from a model config registered with
 `open_clip.add_model_config` (as a user registers a custom architecture) or from its `CLIP` / `CLIPVisionCfg` classes,
@@ -23,8 +23,8 @@ open_clip = pytest.importorskip("open_clip")
 from huggingface_hub import constants as hub_constants  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from sinder_peft.models.open_clip_conversion import open_clip_to_transformers, transformers_to_open_clip  # noqa: E402
-from sinder_peft.models.open_clip_loading import (  # noqa: E402
+from sinder_peft.models.open_clip.conversion import open_clip_to_transformers, transformers_to_open_clip  # noqa: E402
+from sinder_peft.models.open_clip.loading import (  # noqa: E402
     OpenClipPreprocessing,
     OpenClipSpec,
     load_open_clip_model,

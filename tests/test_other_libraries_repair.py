@@ -19,10 +19,10 @@ from transformers import AutoModel
 
 from sinder_peft import RepairArguments, TrainingArguments, diagnose, evaluate, repair
 from sinder_peft.cli import main as cli_main
-from sinder_peft.models.open_clip_conversion import transformers_to_open_clip
-from sinder_peft.models.open_clip_loading import save_open_clip_model
-from sinder_peft.models.timm_conversion import transformers_to_timm
-from sinder_peft.models.timm_loading import save_timm_model
+from sinder_peft.models.open_clip.conversion import transformers_to_open_clip
+from sinder_peft.models.open_clip.loading import save_open_clip_model
+from sinder_peft.models.timm.conversion import transformers_to_timm
+from sinder_peft.models.timm.loading import save_timm_model
 from sinder_peft.synthetic.planting import PlantedModel, build_planted_model, generate_spot_image, spot_pixel_values
 
 timm = pytest.importorskip("timm")

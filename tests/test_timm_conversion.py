@@ -1,4 +1,4 @@
-"""timm <-> transformers conversions (`models/timm_conversion.py`): every supported family against timm's own forward
+"""timm <-> transformers conversions (`models/timm/conversion.py`): every supported family against timm's own forward
 pass, at the size the timm model was built for and at others; the round trip back into a fresh timm model; saving
 and reloading with timm alone; the preprocessing read from `pretrained_cfg`; the errors.
 
@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from sinder_peft.models.timm_conversion import timm_to_transformers, transformers_to_timm
-from sinder_peft.models.timm_links import TIMM_TO_TRANSFORMERS
-from sinder_peft.models.timm_loading import (
+from sinder_peft.models.timm.conversion import timm_to_transformers, transformers_to_timm
+from sinder_peft.models.timm.links import TIMM_TO_TRANSFORMERS
+from sinder_peft.models.timm.loading import (
     TimmPreprocessing,
     load_timm_model,
     require_timm,
@@ -66,9 +66,66 @@ FAMILIES: dict[str, tuple[str, dict, str]] = {
     "dinov3_qkv_bias": ("vit_small_patch16_dinov3_qkvb", {}, "DINOv3ViTModel"),
     "dinov3_swiglu": ("vit_huge_plus_patch16_dinov3", {}, "DINOv3ViTModel"),
     "dinov3_no_registers": ("vit_small_patch16_dinov3", {"num_reg_tokens": 0}, "DINOv3ViTModel"),
+    # the pathology models' model-card arguments (presets.PRESETS), widths shrunk where timm needs an even SwiGLU
+    "uni": ("vit_large_patch16_224", {"init_values": 1e-5, "dynamic_img_size": True}, "Dinov2WithRegistersModel"),
+    "uni2": (
+        "vit_giant_patch14_224",
+        {
+            "embed_dim": 96,
+            "mlp_ratio": 2.66667 * 2,
+            "init_values": 1e-5,
+            "no_embed_class": True,
+            "mlp_layer": timm.layers.SwiGLUPacked,
+            "act_layer": nn.SiLU,
+            "reg_tokens": 8,
+            "dynamic_img_size": True,
+        },
+        "Dinov2WithRegistersModel",
+    ),
+    "virchow": (
+        "vit_huge_patch14_224",
+        {
+            "embed_dim": 160,
+            "num_heads": 4,
+            "mlp_ratio": 5.3375,  # a SwiGLU 427 wide: transformers builds 432, 5 zero units of padding
+            "init_values": 1e-5,
+            "mlp_layer": timm.layers.SwiGLUPacked,
+            "act_layer": nn.SiLU,
+            "global_pool": "",
+            "dynamic_img_size": True,
+        },
+        "Dinov2WithRegistersModel",
+    ),
+    "virchow2": (
+        "vit_huge_patch14_224",
+        {
+            "embed_dim": 160,
+            "num_heads": 4,
+            "mlp_ratio": 5.3375,
+            "init_values": 1e-5,
+            "mlp_layer": timm.layers.SwiGLUPacked,
+            "act_layer": nn.SiLU,
+            "reg_tokens": 4,
+            "no_embed_class": True,
+            "global_pool": "",
+            "dynamic_img_size": True,
+        },
+        "Dinov2WithRegistersModel",
+    ),
+    "h_optimus": (
+        "vit_giant_patch14_reg4_dinov2",
+        {"embed_dim": 96, "init_values": 1e-5, "dynamic_img_size": False},
+        "Dinov2WithRegistersModel",
+    ),
+    "gigapath": ("vit_giant_patch14_dinov2", {"embed_dim": 96, "patch_size": 16}, "Dinov2Model"),
+    "gelu_padded": ("vit_base_patch16_224", {"init_values": 1e-5, "mlp_ratio": 4.25}, "Dinov2Model"),
 }
-INTERPOLATING_LIKE_TIMM = ("dinov2_registers", "dinov3")
-"""Families whose transformers model resizes positions exactly as timm does (antialiased bicubic, or RoPE)."""
+INTERPOLATING_LIKE_TIMM = ("dinov2_registers", "dinov3", "dinov2", "deit3", "uni", "uni2", "virchow", "virchow2")
+"""Families whose transformers model resizes positions exactly as timm does (antialiased bicubic, or RoPE) when timm
+resizes them itself (`dynamic_img_size=True`): registers, DINOv3, and the DINOv2 ones converted to
+`Dinov2WithRegistersModel` for that reason."""
+PADDED = ("virchow", "virchow2", "gelu_padded")
+"""Families whose timm MLP width no integer DINOv2 `mlp_ratio` builds: the transformers MLP has zero units more."""
 
 
 def randomize(model: nn.Module, seed: int) -> nn.Module:
@@ -89,7 +146,7 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
 def build(family: str, seed: int = 0, **overrides: object) -> nn.Module:
     """Return the tiny random timm model of `family` (see `FAMILIES`), built for a `GRID` x `GRID` patch grid."""
     name, kwargs, _ = FAMILIES[family]
-    patch = 14 if "patch14" in name else 16
+    patch = int(kwargs.get("patch_size", 14 if "patch14" in name else 16))
     arguments = {**SMALL, "img_size": GRID * patch, **kwargs, **overrides}
     return randomize(timm.create_model(name, pretrained=False, **arguments), seed)
 
@@ -178,16 +235,18 @@ def test_a_timm_model_resized_first_converts_exactly_at_its_new_size(family: str
 
 @pytest.mark.parametrize("grid", [3, 6])
 @pytest.mark.parametrize("family", INTERPOLATING_LIKE_TIMM)
-def test_transformers_resizes_positions_as_timm_for_registers_and_dinov3(family: str, grid: int) -> None:
+def test_transformers_resizes_positions_as_timm_for_dynamic_sizes(family: str, grid: int) -> None:
     """`Dinov2WithRegistersModel` interpolates the position table as timm's `dynamic_img_size` does (bicubic with
-    antialiasing); DINOv3 computes RoPE for any grid. Both equal timm at other sizes, up and down."""
+    antialiasing), so a DINOv2-like model with `dynamic_img_size=True` converts to it, with or without registers;
+    DINOv3 computes RoPE for any grid. All equal timm at other sizes, up and down."""
     model = build(family, dynamic_img_size=True)
     converted = timm_to_transformers(model)
+    assert type(converted).__name__ == ("DINOv3ViTModel" if "dinov3" in family else "Dinov2WithRegistersModel")
     x = pixels(model, grid)
     assert relative_difference(transformers_features(converted, x), timm_features(model, x)) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["dinov2", "vit", "clip", "siglip", "deit_distilled"])
+@pytest.mark.parametrize("family", ["vit", "clip", "siglip", "deit_distilled"])
 def test_the_other_families_interpolate_positions_unlike_timm(family: str, caplog: pytest.LogCaptureFixture) -> None:
     """Documents the one inexact case: at other sizes timm antialiases the resized position table, transformers does
     not, so the features differ (by a few percent with these random tables), and converting warns about it."""
@@ -312,7 +371,8 @@ def test_timm_preprocessing_reads_the_pretrained_cfg() -> None:
 def test_a_saved_model_reloads_with_timm_alone(family: str, tmp_path: Path) -> None:
     model = build(family, pretrained_cfg_overlay=OVERLAY)
     directory = save_timm_model(model, tmp_path / "saved")
-    assert sorted(path.name for path in directory.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(path.name for path in directory.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert f'timm.create_model("local-dir:{directory}", pretrained=True)' in (directory / "README.md").read_text()
     x = pixels(model)
     torch.save(x, tmp_path / "pixels.pt")
     script = f"""
@@ -332,6 +392,56 @@ assert not any(name.startswith("sinder_peft") for name in sys.modules)
     assert not reloaded.training
     assert all(torch.equal(reloaded.state_dict()[key], value) for key, value in model.state_dict().items())
     assert timm_preprocessing(reloaded) == timm_preprocessing(model)
+
+
+@pytest.mark.parametrize("family", ["virchow2", "uni2"])
+def test_a_model_with_layer_arguments_saves_and_reloads_with_the_readme_line(family: str, tmp_path: Path) -> None:
+    """timm's `save_for_hf` refuses arguments that are Python objects; `save_timm_model` gives their names instead
+    (config.json stays JSON), and the README's line, run as it is in a fresh process with timm alone, loads the
+    same model: the same features at the native size and at twice it (`dynamic_img_size`)."""
+    model = build(family, num_classes=0)
+    directory = save_timm_model(model, tmp_path / "saved", load_path=tmp_path / "final")
+    config = json.loads((directory / "config.json").read_text())
+    assert config["model_args"]["mlp_layer"] == "timm.layers.SwiGLUPacked"
+    assert config["model_args"]["act_layer"] == "silu"  # timm's own name: timm reads it back by itself
+    readme = (directory / "README.md").read_text()
+    line = f'timm.create_model("local-dir:{tmp_path / "final"}", pretrained=True, mlp_layer=timm.layers.SwiGLUPacked)'
+    assert line in readme
+    directory.rename(tmp_path / "final")
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    small, large = pixels(model, GRID), pixels(model, 2 * GRID, seed=1)
+    torch.save({"small": small, "large": large}, tmp_path / "pixels.pt")
+    script = f"""{code}
+import sys, torch
+model.eval()
+x = torch.load({str(tmp_path / "pixels.pt")!r})
+with torch.no_grad():
+    torch.save({{key: model.forward_features(value) for key, value in x.items()}}, {str(tmp_path / "out.pt")!r})
+assert not any(name.startswith("sinder_peft") for name in sys.modules)
+"""
+    run_python(script, cwd=REPO_ROOT)
+    out = torch.load(tmp_path / "out.pt")
+    assert torch.equal(out["small"], timm_features(model, small))
+    assert torch.equal(out["large"], timm_features(model, large))
+    # `--model timm:DIR` resolves the recorded names itself: no --model-kwargs needed to read the export back
+    reloaded = load_timm_model(str(tmp_path / "final"))
+    assert all(torch.equal(reloaded.state_dict()[key], value) for key, value in model.state_dict().items())
+
+
+def test_writing_back_refuses_padding_units_that_are_no_longer_zero() -> None:
+    """Virchow's SwiGLU is 5 units narrower than any transformers DINOv2 MLP: those units are zero and add nothing
+    (checked against timm above); a transformers model that put real values there cannot go back."""
+    converted = timm_to_transformers(build("virchow"))
+    mlp = converted.encoder.layer[0].mlp
+    assert mlp.gate_proj.out_features == 432 and build("virchow").blocks[0].mlp.fc2.in_features == 427
+    assert torch.equal(mlp.up_proj.weight[427:], torch.zeros(5, 160))
+    with torch.no_grad():
+        mlp.down_proj.weight[:, 430] += 1e-9  # float rounding of a merge: within the tolerance
+    transformers_to_timm(converted, build("virchow", seed=1))
+    with torch.no_grad():
+        mlp.down_proj.weight[:, 430] = 0.1
+    with pytest.raises(ValueError, match="down_proj.weight .*no tensor"):
+        transformers_to_timm(converted, build("virchow", seed=1))
 
 
 def test_a_named_model_loads_from_the_hugging_face_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -399,7 +509,7 @@ def test_an_architecture_without_equivalent_is_refused_naming_the_supported_ones
         ("vit", {"img_size": (64, 96)}, "image size"),
         ("siglip", {"pre_norm": True}, "norm_pre"),
         ("clip", {"init_values": 1e-5}, "layer scale"),
-        ("dinov2", {"mlp_ratio": 2.5}, "integer mlp_ratio"),
+        ("dinov2", {"mlp_ratio": 70}, "integer mlp_ratio up to 64"),
         ("dinov3", {"qk_norm": True}, "qk_norm"),
         ("dinov3", {"use_abs_pos_emb": True}, "absolute positions"),
     ],

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..analysis.detection import DIRECTION_SOURCE_HELP, RECIPE_HELP, DefectTest, DirectionSource, Recipe
+from ..models.other_libraries import ModelKwargsArguments
 from .probes import DINOV2_KNN_KS, DINOV2_KNN_TEMPERATURE
 
 DIRECTION_SAMPLE_IMAGES = 16
@@ -13,8 +14,9 @@ DIRECTION_SAMPLE_IMAGES = 16
 
 
 @dataclass
-class EvaluationArguments:
-    """The settings of an evaluation; each field is also a command-line flag (`--knn-data`, …)."""
+class EvaluationArguments(ModelKwargsArguments):
+    """The settings of an evaluation; each field is also a command-line flag (`--knn-data`, …; `--model-kwargs`
+    from `ModelKwargsArguments`, applied to the timm models among those evaluated)."""
 
     output_dir: str = field(metadata={"help": "where to write evaluation.json, evaluation.md, the figures and cache/"})
     knn_data: str | None = field(
@@ -119,6 +121,7 @@ class EvaluationArguments:
         return DefectTest.for_recipe(self.recipe, mask_thr=self.mask_thr, min_tokens=self.min_tokens)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.knn_headline_k not in self.knn_k:
             raise ValueError(f"--knn-headline-k {self.knn_headline_k} must be one of --knn-k {self.knn_k}.")
         positive = ("batch_size", "knn_resolution", "seg_resolution", "defect_resolution", "seg_epochs")

@@ -40,6 +40,7 @@ from transformers import HfArgumentParser
 
 from ..images.preprocessing import resize_and_crop
 from ..models.loading import ModelNotAvailableError, load_backbone
+from ..models.other_libraries import parse_model_name
 from ..tuner.architectures import ImageNormalization
 from ..version import __version__
 from ..visualization.figures import save_evaluation_comparison, save_norm_map_comparison
@@ -240,7 +241,8 @@ def run_evaluation(
     context = load_context(args, state)
     results = []
     for name in models:
-        backbone, normalization = load_backbone(name)
+        timm_kwargs = args.model_kwargs if parse_model_name(name).library == "timm" else None
+        backbone, normalization = load_backbone(name, model_kwargs=timm_kwargs)
         results.append(evaluate_model(context, name, backbone.to(device), normalization))
         del backbone
     if not context.is_main:
@@ -292,8 +294,8 @@ def build_argument_parser(**kwargs: Any) -> HfArgumentParser:
         "models",
         nargs="+",
         metavar="MODEL",
-        help="Hub ids (facebook/dinov2-base, ...), model directories, 'demo', timm:NAME_OR_DIR or "
-        "open_clip:ARCH[/PRETRAINED_OR_FILE]",
+        help="Hub ids (facebook/dinov2-base, ...), model directories, 'demo', timm:NAME_OR_DIR, "
+        "timm:hf-hub:ORG/NAME or open_clip:ARCH[/PRETRAINED_OR_FILE]",
     )
     return parser
 

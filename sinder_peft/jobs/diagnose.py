@@ -16,12 +16,13 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+from transformers import HfArgumentParser
 
 from ..analysis.detection import (
     DIRECTION_SOURCE_HELP,
@@ -40,6 +41,7 @@ from ..analysis.directions import singular_defect_directions
 from ..images.datasets import find_image_files
 from ..images.preprocessing import load_image, normalize_image, resize_and_crop
 from ..models.loading import DEMO_MODEL_NAME, ModelNotAvailableError, load_backbone
+from ..models.other_libraries import ModelKwargsArguments
 from ..synthetic.demo import demo_image_paths
 from ..tuner.architectures import describe_model
 from ..visualization.figures import save_diagnosis_figure, save_layer_norm_plot
@@ -157,6 +159,7 @@ def diagnose(
     directions: DirectionSource = "auto",
     recipe: Recipe = "preserve",
     device: str | torch.device | None = None,
+    model_kwargs: str | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Diagnose the singular defects of `model` on `images` and write the report and figures to `output_dir`.
 
@@ -173,6 +176,8 @@ def diagnose(
         recipe: whose defect test decides (`DefectTest.for_recipe`): "preserve" (the default repair's: a flagged
             token must be a high-norm defect token) or "paper" (the cosine test alone).
         device: where to run the model; default CUDA when available, else CPU.
+        model_kwargs: for a timm model, keyword arguments of `timm.create_model` (`--model-kwargs`; see
+            `load_backbone`).
 
     Returns:
         The report written to `report.json`.
@@ -185,7 +190,7 @@ def diagnose(
     """
     paths = resolve_image_paths(images, model)
     pictures = [load_image(path) for path in paths]
-    backbone, normalization = load_backbone(model)
+    backbone, normalization = load_backbone(model, model_kwargs=model_kwargs)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = backbone.to(device)
     description = describe_model(backbone)
@@ -265,6 +270,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register the `diagnose` subcommand on `subparsers` and return its parser (handler: `run`)."""
     parser = subparsers.add_parser(
         "diagnose",
+        parents=[HfArgumentParser(ModelKwargsArguments, add_help=False)],
         help="find and draw the singular defects of a ViT on images",
         description=(
             "Find the high-norm defect tokens of a ViT on some images. Writes report.json, one "
@@ -274,8 +280,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--model",
         required=True,
-        help="Hub id (e.g. facebook/dinov2-base), a save_pretrained directory, 'demo', timm:NAME_OR_DIR or "
-        "open_clip:ARCH[/PRETRAINED_OR_FILE]",
+        help="Hub id (e.g. facebook/dinov2-base), a save_pretrained directory, 'demo', timm:NAME_OR_DIR, "
+        "timm:hf-hub:ORG/NAME or open_clip:ARCH[/PRETRAINED_OR_FILE]",
     )
     parser.add_argument(
         "images", nargs="*", help="image files or folders of images (default with --model demo: the demo images)"
@@ -312,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
             directions=args.directions,
             recipe=args.recipe,
             device=args.device,
+            model_kwargs=args.model_kwargs,
         )
     except (FileNotFoundError, ValueError, ModelNotAvailableError, ImportError) as error:
         print(f"sinder diagnose: error: {error}", file=sys.stderr)

@@ -9,6 +9,7 @@ from typing import Literal
 
 from ..evaluation.arguments import EvaluationArguments
 from ..models.loading import DEMO_MODEL_NAME
+from ..models.other_libraries import ModelKwargsArguments
 
 DEFAULT_RESOLUTION = 518
 DEMO_RESOLUTION = 224
@@ -17,15 +18,17 @@ MAX_LISTED_UNREADABLE = 100
 
 
 @dataclass
-class RepairArguments:
+class RepairArguments(ModelKwargsArguments):
     """Inputs and outputs of a repair run; the training hyperparameters are `TrainingArguments`. Each field is also a
-    command-line flag of `sinder repair` (`transformers.HfArgumentParser` builds them from the fields)."""
+    command-line flag of `sinder repair` (`transformers.HfArgumentParser` builds them from the fields);
+    `--model-kwargs` comes from `ModelKwargsArguments`."""
 
     model: str = field(
         default=DEMO_MODEL_NAME,
         metadata={
-            "help": "Hub id (facebook/dinov2-base, ...), a local model directory, 'demo', timm:NAME_OR_DIR or "
-            "open_clip:ARCH[/PRETRAINED_OR_FILE] (the result is then written in that library's format)."
+            "help": "Hub id (facebook/dinov2-base, ...), a local model directory, 'demo', timm:NAME_OR_DIR, "
+            "timm:hf-hub:ORG/NAME or open_clip:ARCH[/PRETRAINED_OR_FILE] (the result is then written in that "
+            "library's format)."
         },
     )
     output_dir: str = field(

@@ -20,7 +20,7 @@ from ..images.datasets import ImageFileDataset
 from ..images.preprocessing import denormalize_image
 from ..models.hub import RepairCard, push_folder_to_hub, write_model_card
 from ..models.loading import TRANSFORMERS_MODEL_DIR, load_backbone
-from ..models.other_libraries import parse_model_name, save_in_source_format
+from ..models.other_libraries import foreign_model_kwargs, parse_model_name, save_in_source_format
 from ..models.processor import save_image_processor
 from ..training.arguments import TrainingArguments
 from ..training.state import TrainerState
@@ -106,8 +106,10 @@ def export_repair(
     selection_images: list[str] | list[int] = (
         setup.selection.paths if isinstance(setup.dataset, ImageFileDataset) else setup.selection.indices
     )
+    source = parse_model_name(args.model, args.model_kwargs)
     report = {
         "model": args.model,
+        "model_kwargs": foreign_model_kwargs(source),
         "data": args.data or "bundled demo images",
         "outcome": outcome,
         "repaired": repaired,
@@ -171,11 +173,13 @@ def export_repair(
             ),
         )
 
-    source = parse_model_name(args.model)
     if repaired and source.is_foreign:
         # model/ in the source library's format, model-transformers/ the same weights as transformers loads them
         _write_directory(output_dir / TRANSFORMERS_MODEL_DIR, write_model)
-        _write_directory(output_dir / "model", lambda directory: save_in_source_format(source, merged, directory))
+        final = (output_dir / "model").resolve()
+        _write_directory(
+            output_dir / "model", lambda directory: save_in_source_format(source, merged, directory, load_path=final)
+        )
     elif repaired:
         _write_directory(output_dir / "model", write_model)
     if not repaired or not source.is_foreign:
@@ -242,7 +246,7 @@ def _evaluate_original_and_repaired(
 ) -> dict[str, Any]:
     """Evaluate the original model (loaded again: the merge wrote into its weights) next to the repaired one with
     `sinder evaluate`'s probes, write `evaluation/`, and return `evaluation.json`'s content."""
-    original, _ = load_backbone(args.model)
+    original, _ = load_backbone(args.model, model_kwargs=args.model_kwargs)
     original = original.to(next(merged.parameters()).device)
     return evaluate_models([(args.model, original, normalization), ("repaired", merged, normalization)], settings)
 

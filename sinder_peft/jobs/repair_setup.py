@@ -85,7 +85,7 @@ def prepare_repair(
     evaluation = evaluation_settings(args, Path(args.output_dir))
     if evaluation is not None:
         check_evaluation_data(evaluation)
-    base_model, normalization, processor_config = load_backbone_and_processor_config(args.model)
+    base_model, normalization, processor_config = load_backbone_and_processor_config(args.model, args.model_kwargs)
     base_model = base_model.to(accelerator.device)
     description = describe_model(base_model)
     resolution = training_resolution(resolution, description.patch_size)

@@ -4,8 +4,8 @@
   `other_libraries.py`, `timm:` and `open_clip:` models);
 - `processor.py`: the image processor saved with a repaired model; `hub.py`: its model card and the upload;
 - `original_layout.py`: the original DINOv2 checkpoint layout in both directions; `conversion.py`: `sinder convert`;
-- `timm_loading.py`, `timm_links.py`, `timm_plans.py`, `timm_conversion.py`: timm models, their files and
-  preprocessing, and their exact conversion to and from transformers;
-- `open_clip_loading.py`, `open_clip_conversion.py`: the same for OpenCLIP image towers; `extras.py`: importing
-  the optional libraries of the `[timm]` and `[open_clip]` extras.
+- `timm/`: timm models (directories, names, `hf-hub:` repositories in the local cache), `--model-kwargs` and the
+  model-card presets, their files and preprocessing, and their exact conversion to and from transformers;
+- `open_clip/`: the same for OpenCLIP image towers; `extras.py`: importing the optional libraries of the `[timm]`
+  and `[open_clip]` extras.
 """

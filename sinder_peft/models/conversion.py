@@ -1,14 +1,18 @@
 """`sinder convert`: a model from one format to another (`convert_model`): an original-layout DINOv2 checkpoint
 file into a transformers model directory with a card that names its source (`convert_checkpoint`), timm and
 OpenCLIP models into transformers and back, a transformers model into the original layout; optionally onto the Hub.
-The mappings themselves are `original_layout`, `timm_conversion` and `open_clip_conversion`."""
+The mappings themselves are `original_layout`, `timm.conversion` and `open_clip.conversion`."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser
 
 from ..version import __version__
 from .hub import push_folder_to_hub
@@ -20,10 +24,11 @@ from .original_layout import (
     load_original_checkpoint,
 )
 from .other_libraries import (
-    ModelName,
+    ModelKwargsArguments,
     foreign_processor_config,
     foreign_to_transformers,
     load_foreign_model,
+    parse_model_name,
     save_in_source_format,
 )
 from .processor import save_image_processor
@@ -102,7 +107,13 @@ timm model (NAME_OR_DIR) and an OpenCLIP model (ARCH[/PRETRAINED_OR_FILE])."""
 
 
 def convert_model(
-    source: str, output: str | Path, *, source_format: str, target_format: str, template: str | None = None
+    source: str,
+    output: str | Path,
+    *,
+    source_format: str,
+    target_format: str,
+    template: str | None = None,
+    model_kwargs: str | Mapping[str, Any] | None = None,
 ) -> Path:
     """Convert the model `source` (in `source_format`) to `target_format` at `output`, and return what was written.
 
@@ -113,6 +124,8 @@ def convert_model(
     - transformers -> timm / open_clip: the weights written into `template` (a model of that library with the same
       architecture, e.g. the one the transformers model was converted from) and saved in its own format.
 
+    `model_kwargs` (`--model-kwargs`) are the `timm.create_model` arguments of the timm source or template.
+
     Raises:
         ValueError: for a pair of formats that has no conversion, or a missing `template`.
     """
@@ -121,7 +134,7 @@ def convert_model(
     if pair == ("original", "transformers"):
         return convert_checkpoint(source, output)
     if source_format in ("timm", "open_clip") and target_format == "transformers":
-        name = ModelName(source_format, source)
+        name = parse_model_name(f"{source_format}:{source}", model_kwargs)
         native = load_foreign_model(name)
         converted, normalization = foreign_to_transformers(name, native)
         converted.save_pretrained(output)
@@ -138,7 +151,7 @@ def convert_model(
                 f"--to {target_format} needs --template: the {target_format} model of the same architecture to "
                 "write the weights into (e.g. the one the transformers model was converted from)."
             )
-        return save_in_source_format(ModelName(target_format, template), model, output)
+        return save_in_source_format(parse_model_name(f"{target_format}:{template}", model_kwargs), model, output)
     raise ValueError(
         f"No conversion from {source_format} to {target_format}: sinder convert converts original, timm and "
         "open_clip models to transformers, and transformers models to original, timm and open_clip."
@@ -155,6 +168,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "SINDER weights), transformers, timm and OpenCLIP. The default converts an original-layout checkpoint "
             "into a directory that transformers' AutoModel.from_pretrained loads."
         ),
+        parents=[HfArgumentParser(ModelKwargsArguments, add_help=False)],
     )
     parser.add_argument(
         "source",
@@ -188,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
                 source_format=args.source_format,
                 target_format=args.target_format,
                 template=args.template,
+                model_kwargs=args.model_kwargs,
             )
     except (ValueError, FileNotFoundError, ModelNotAvailableError, ImportError) as error:
         logger.error("%s", error)

@@ -17,7 +17,7 @@ can fail ends in one exception with a message that says what to do.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -224,7 +224,9 @@ def model_class(config: PretrainedConfig) -> type[PreTrainedModel] | type[AutoMo
     return AutoModel
 
 
-def load_backbone(model: str, *, dtype: torch.dtype | None = None) -> tuple[nn.Module, ImageNormalization]:
+def load_backbone(
+    model: str, *, dtype: torch.dtype | None = None, model_kwargs: str | Mapping[str, Any] | None = None
+) -> tuple[nn.Module, ImageNormalization]:
     """Load the model named by `model`, in eval mode, with the normalization its images need.
 
     Args:
@@ -233,8 +235,10 @@ def load_backbone(model: str, *, dtype: torch.dtype | None = None) -> tuple[nn.M
             `openai/clip-vit-base-patch16`, or a model of another library: `timm:NAME_OR_DIR` (a timm model name
             with weights in the local cache, or a directory timm's `local-dir:` loads) or
             `open_clip:ARCH[/PRETRAINED_OR_FILE]`, converted exactly to the transformers class of the same
-            architecture (`other_libraries`).
+            architecture (`other_libraries`); `timm:hf-hub:ORG/NAME` is a Hub repository in the local cache.
         dtype: dtype to load the weights in; `None` keeps the checkpoint's.
+        model_kwargs: for a timm model, keyword arguments of `timm.create_model` (`--model-kwargs`: JSON or a
+            mapping; layers as dotted names inside timm and torch), over the preset of a known Hub repository.
 
     Returns:
         The whole model, as the class it was saved as (see `model_class`): a bare backbone (`Dinov2Model`,
@@ -248,11 +252,11 @@ def load_backbone(model: str, *, dtype: torch.dtype | None = None) -> tuple[nn.M
             model in it.
         ModelNotAvailableError: a Hub id that is not cached and cannot be downloaded (offline, no network, no such
             repository).
-        ValueError: the model has no ViT backbone of a supported family (the message names the supported ones), or
-            an unknown `prefix:`.
+        ValueError: the model has no ViT backbone of a supported family (the message names the supported ones), an
+            unknown `prefix:`, or `model_kwargs` malformed, refused or given for a model that is not a timm model.
         ImportError: a timm or OpenCLIP model without that library installed (the message says what to install).
     """
-    name = parse_model_name(model)
+    name = parse_model_name(model, model_kwargs)
     if name.is_foreign:
         converted, normalization, _ = _load_converted(name, dtype)
         return converted, normalization
@@ -296,11 +300,14 @@ def _load_converted(name: ModelName, dtype: torch.dtype | None) -> tuple[nn.Modu
     return (converted.to(dtype) if dtype is not None else converted), normalization, native
 
 
-def load_backbone_and_processor_config(model: str) -> tuple[nn.Module, ImageNormalization, dict[str, Any] | None]:
-    """Return `load_backbone(model)` and the model's image processor config, or None when it has none (the demo
-    model). For a timm or OpenCLIP model the config is the `BitImageProcessor` that reproduces the source's own
-    preprocessing (`other_libraries.foreign_processor_config`), and the source is loaded once for both."""
-    name = parse_model_name(model)
+def load_backbone_and_processor_config(
+    model: str, model_kwargs: str | Mapping[str, Any] | None = None
+) -> tuple[nn.Module, ImageNormalization, dict[str, Any] | None]:
+    """Return `load_backbone(model, model_kwargs=model_kwargs)` and the model's image processor config, or None when
+    it has none (the demo model). For a timm or OpenCLIP model the config is the `BitImageProcessor` that reproduces
+    the source's own preprocessing (`other_libraries.foreign_processor_config`), and the source is loaded once for
+    both."""
+    name = parse_model_name(model, model_kwargs)
     if name.is_foreign:
         converted, normalization, native = _load_converted(name, None)
         return converted, normalization, foreign_processor_config(name, native)

@@ -319,6 +319,22 @@ def _plant(model: nn.Module, defect_layer: int, normalization: ImageNormalizatio
     return reserved
 
 
+def plant_defect(
+    model: nn.Module, normalization: ImageNormalization, *, defect_layer: int = 1, seed: int = 0
+) -> torch.Tensor:
+    """Plant the defect of this module into `model` (in place), an existing model of a supported family whose
+    images are normalized with `normalization`, e.g. the transformers version of a timm model of a given
+    architecture, and return its unit defect direction u.
+
+    Raises:
+        ValueError: for a `defect_layer` outside the model, or a model of no supported family.
+    """
+    num_layers = describe_model(model).num_layers
+    if not 0 <= defect_layer < num_layers:
+        raise ValueError(f"defect_layer must be in [0, {num_layers}), got {defect_layer}.")
+    return _plant(model, defect_layer, normalization, seed)[1].clone()
+
+
 def build_planted_model(
     family: str,
     *,

@@ -2,7 +2,7 @@
 
 A timm model enters sinder-peft as the transformers class of its architecture (`timm_to_transformers`) and leaves
 the same way (`transformers_to_timm`): both directions read one table of links between the two state dicts
-(`timm_links.Link`, per family in `timm_plans`), built from the timm model's own modules, so that they cannot drift
+(`links.Link`, per family in `plans`), built from the timm model's own modules, so that they cannot drift
 apart. timm fuses what transformers keeps apart: the query, key and value projections are one `attn.qkv` matrix (split
 in that order along the output rows), and a packed SwiGLU MLP (`GluMlp`, timm's `SwiGLUPacked`) computes its gate and
 its value with one `mlp.fc1`, gate first when `gate_last=False` (`act(x1) * x2`, as timm's DINOv2 and DINOv3 models
@@ -53,7 +53,7 @@ Decisions on timm options:
   leaves them as they are; `ViTModel` and `DeiTModel` are built without their pooler (`add_pooling_layer=False`),
   and a pooler found when writing back is ignored.
 
-Files (`timm_loading`): `save_timm_model` writes timm's own Hub layout (`config.json` with the architecture arguments
+Files (`loading`): `save_timm_model` writes timm's own Hub layout (`config.json` with the architecture arguments
 and the pretrained configuration, `model.safetensors`) with timm's `save_for_hf`; `load_timm_model` reads it back with
 `timm.create_model("local-dir:PATH", pretrained=True)`, or loads a timm model name whose weights are in the local
 Hugging Face cache. timm is an optional dependency (`pip install 'sinder-peft[timm]'`), imported by `require_timm`.
@@ -70,9 +70,9 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .timm_links import HEAD_PREFIXES, Fill, Plan, split_tensor, timm_keys
-from .timm_loading import require_timm
-from .timm_plans import conversion_plan
+from .links import HEAD_PREFIXES, Fill, Plan, Rows, split_tensor, timm_keys
+from .loading import require_timm
+from .plans import conversion_plan
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +106,27 @@ def _unlinked_timm_keys(plan: Plan, timm_state: Mapping[str, torch.Tensor]) -> l
     return unlinked
 
 
-def _part(timm_state: Mapping[str, torch.Tensor], part: str | Fill) -> torch.Tensor:
+def _timm_tensor(timm_state: Mapping[str, torch.Tensor], part: str | Rows) -> torch.Tensor:
+    """Return the timm tensor (or the rows of one) that `part` names: a view, so that writing into it writes into
+    the timm model."""
+    if isinstance(part, Rows):
+        return timm_state[part.key].narrow(0, part.start, part.length)
+    return timm_state[part]
+
+
+def _part(timm_state: Mapping[str, torch.Tensor], part: str | Rows | Fill) -> torch.Tensor:
     """Return the timm tensor `part` names, or the fill's constant tensor, in float32 on the CPU."""
     if isinstance(part, Fill):
         return torch.full(part.shape, part.value, dtype=torch.float32)
-    return timm_state[part].detach().to(device="cpu", dtype=torch.float32)
+    return _timm_tensor(timm_state, part).detach().to(device="cpu", dtype=torch.float32)
+
+
+def _holds_fill(piece: torch.Tensor, fill: Fill, scale: float) -> bool:
+    """Whether `piece` still holds the fill's value: exactly, or within its tolerance relative to `scale` (the
+    largest magnitude of the transformers tensor it was cut from)."""
+    if fill.tolerance == 0:
+        return bool((piece == fill.value).all())
+    return float((piece.float() - fill.value).abs().max()) <= fill.tolerance * scale
 
 
 def timm_to_transformers(model: nn.Module) -> PreTrainedModel:
@@ -231,12 +247,13 @@ def transformers_to_timm(model: PreTrainedModel, timm_model: nn.Module) -> nn.Mo
     writes: list[tuple[torch.Tensor, torch.Tensor]] = []
     for link in plan.links:
         source = torch.cat([state[key].detach() for key in link.hf], dim=link.hf_dim)
-        shapes = [part.shape if isinstance(part, Fill) else timm_state[part].shape for part in link.timm]
+        shapes = [part.shape if isinstance(part, Fill) else _timm_tensor(timm_state, part).shape for part in link.timm]
         pieces = split_tensor(source, shapes, link.timm_dim)
+        scale = float(source.abs().max()) if source.numel() else 0.0
         for part, piece in zip(link.timm, pieces, strict=True):
-            if isinstance(part, str):
-                writes.append((timm_state[part], piece))
-            elif part.checked and not bool((piece == part.value).all()):
+            if not isinstance(part, Fill):
+                writes.append((_timm_tensor(timm_state, part), piece))
+            elif part.checked and not _holds_fill(piece, part, scale):
                 raise ValueError(
                     f"{_summarize(list(link.hf))} of the transformers model holds values where the timm model has no "
                     f"tensor (it computes with {part.value:g} there), so timm cannot hold them."

@@ -1,6 +1,6 @@
 """The conversion plan of each supported timm family (`conversion_plan`): DINOv2 (registers, SwiGLU, layer scale),
 ViT and DeiT, CLIP, SigLIP (with its attention-pool head) and DINOv3 (timm's `Eva` with RoPE), built from the
-pieces of `timm_links`.
+pieces of `links`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from transformers import (
     ViTModel,
 )
 
-from .timm_links import (
+from .links import (
     CLIP_NAMES,
     VIT_NAMES,
     Fill,
@@ -74,11 +74,12 @@ def _plan_dinov2(model: nn.Module, facts: VitFacts) -> Plan:
     if registers and not facts.no_embed_class:
         raise refusal(model, "its register tokens have positions (no_embed_class=False)", "transformers' have none.")
     hidden = facts.hidden_size
+    mlp_ratio, mlp_padding = dinov2_mlp_ratio(model, facts)
     config = {
         **common_config(facts),
         # the SwiGLU's gate is always silu in transformers; hidden_act then keeps its default
         "hidden_act": "gelu" if facts.mlp.gated else facts.mlp.activation,
-        "mlp_ratio": dinov2_mlp_ratio(model, facts),
+        "mlp_ratio": mlp_ratio,
         "qkv_bias": facts.qkv_bias,
         "use_swiglu_ffn": facts.mlp.gated,
     }
@@ -88,15 +89,17 @@ def _plan_dinov2(model: nn.Module, facts: VitFacts) -> Plan:
         position_link("embeddings.position_embeddings", 1, 0 if facts.no_embed_class else 1, hidden),
         Link(("embeddings.patch_embeddings.projection.weight",), ("patch_embed.proj.weight",)),
         *embedding_bias_links(facts, "embeddings.patch_embeddings.projection.bias"),
-        *vit_block_links(model, facts, _DINOV2_NAMES, facts.qkv_bias),
+        *vit_block_links(model, facts, _DINOV2_NAMES, facts.qkv_bias, mlp_padding),
         *norm_links("layernorm", "norm"),
     ]
-    if registers:
-        links.append(Link(("embeddings.register_tokens",), ("reg_token",)))
+    if registers or facts.dynamic_img_size:
+        # Dinov2WithRegistersModel resizes its position table as timm does (bicubic with antialiasing), also
+        # without registers: a model used at other sizes (dynamic_img_size) stays exact there
+        tokens = ("reg_token",) if registers else (Fill((1, 0, hidden)),)
+        links.append(Link(("embeddings.register_tokens",), tokens))
         config["num_register_tokens"] = registers
-        return Plan(
-            "DINOv2 with registers", Dinov2WithRegistersModel, config, tuple(links), interpolates_like_timm=True
-        )
+        family = "DINOv2 with registers" if registers else "DINOv2 (dynamic image size)"
+        return Plan(family, Dinov2WithRegistersModel, config, tuple(links), interpolates_like_timm=True)
     return Plan("DINOv2", Dinov2Model, config, tuple(links))
 
 

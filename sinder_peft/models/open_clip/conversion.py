@@ -27,8 +27,8 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.initialization import no_init_weights
 
-from ..tuner.architectures import unwrap_backbone
-from .open_clip_loading import require_open_clip
+from ...tuner.architectures import unwrap_backbone
+from .loading import require_open_clip
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """OpenCLIP models in and out: the `ARCH[/PRETRAINED_OR_FILE]` names of `--model open_clip:...`, loading them
 offline (a pretrained tag from the local cache, or a checkpoint file), their preprocessing, and saving a checkpoint
 that `open_clip.create_model_and_transforms(ARCH, pretrained=FILE)` loads. The conversion of the image tower itself
-is `open_clip_conversion`.
+is `conversion`.
 
 `open_clip` is optional: it is imported only through `require_open_clip`, when a function here needs it.
 """
@@ -21,8 +21,8 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
-from ..tuner.architectures import ImageNormalization
-from .extras import import_extra
+from ...tuner.architectures import ImageNormalization
+from ..extras import import_extra
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The pieces of a timm <-> transformers conversion: `Link` (which timm tensor, or which slice of a fused one, is
 which transformers tensor), `Plan` (every link of a model and the transformers config it needs), and reading what a
 timm `VisionTransformer` is made of (patch embedding, norms, activation, MLP, tokens), refusing what transformers
-cannot reproduce. The per-family plans are `timm_plans`.
+cannot reproduce. The per-family plans are `plans`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ ACTIVATIONS: dict[str, str] = {
 # The largest integer DINOv2 `mlp_ratio` tried when matching a SwiGLU width.
 MAX_MLP_RATIO = 64
 
+# How far from zero, relative to the largest value of its transformers tensor, a padding unit may have drifted when
+# written back (an adapter merge leaves float rounding there; anything larger is refused).
+PADDING_TOLERANCE = 1e-5
+
 
 @dataclass(frozen=True)
 class Fill:
@@ -56,6 +60,17 @@ class Fill:
     shape: tuple[int, ...]
     value: float = 0.0
     checked: bool = True
+    tolerance: float = 0.0
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows `start` to `start + length` of the timm tensor `key` (along its first dimension): one half of a packed
+    SwiGLU `fc1`, where the transformers MLP is wider than timm's (`padding`) and the halves get zeros each."""
+
+    key: str
+    start: int
+    length: int
 
 
 @dataclass(frozen=True)
@@ -65,7 +80,7 @@ class Link:
     is [D] where timm's class token is [1, 1, D]). E.g. `attn.qkv.weight` <-> (`q_proj`, `k_proj`, `v_proj`)."""
 
     hf: tuple[str, ...]
-    timm: tuple[str | Fill, ...]
+    timm: tuple[str | Rows | Fill, ...]
     hf_dim: int = 0
     timm_dim: int = 0
 
@@ -100,7 +115,7 @@ class Plan:
 
 def timm_keys(link: Link) -> list[str]:
     """Return the timm state-dict keys `link` reads or writes."""
-    return [part for part in link.timm if isinstance(part, str)]
+    return [part.key if isinstance(part, Rows) else part for part in link.timm if not isinstance(part, Fill)]
 
 
 def split_tensor(
@@ -248,10 +263,38 @@ def read_mlp(model: nn.Module, mlp: nn.Module, timm: types.ModuleType) -> MlpFac
     raise refusal(model, f"its MLP is a {type(mlp).__name__}", "Supported: Mlp, GluMlp (SwiGLUPacked), SwiGLU.")
 
 
-def mlp_links(
-    prefix: str, hf_prefix: str, mlp: nn.Module, info: MlpFacts, names: Mapping[str, str], bias: bool
+def padded_links(
+    hf: str, weight: str | Rows, bias: str | Rows | None, shape: tuple[int, int], padding: int, hf_has_bias: bool
 ) -> list[Link]:
-    """Return the links of the block MLP `mlp` (timm names under `prefix`, transformers ones under `hf_prefix`)."""
+    """Return the links of the transformers Linear `hf` whose output rows are the timm rows `weight` (`bias`) of
+    `shape` followed by `padding` rows of zeros: a unit with zero input weights and bias outputs act(0) = 0 through
+    every supported activation (and 0 * anything in a SwiGLU), so the wider model computes the same."""
+    rows, columns = shape
+    zeros = Fill((padding, columns), tolerance=PADDING_TOLERANCE)
+    links = [Link((f"{hf}.weight",), (weight, zeros))]
+    if bias is not None:
+        links.append(Link((f"{hf}.bias",), (bias, Fill((padding,), tolerance=PADDING_TOLERANCE))))
+    elif hf_has_bias:
+        links.append(Link((f"{hf}.bias",), (Fill((rows + padding,)),)))
+    return links
+
+
+def mlp_links(
+    prefix: str,
+    hf_prefix: str,
+    mlp: nn.Module,
+    info: MlpFacts,
+    names: Mapping[str, str],
+    bias: bool,
+    padding: int = 0,
+) -> list[Link]:
+    """Return the links of the block MLP `mlp` (timm names under `prefix`, transformers ones under `hf_prefix`).
+
+    With `padding`, the transformers MLP has that many more hidden units than timm's (transformers' DINOv2 builds
+    its width from an integer `mlp_ratio`): they get zero input weights and biases and zero output weights, so they
+    add exactly nothing, and writing back checks that they still hold (nearly) zero."""
+    if padding:
+        return _padded_mlp_links(prefix, hf_prefix, mlp, info, names, bias, padding)
     if not info.gated:
         return [
             *linear_links([f"{hf_prefix}.{names['fc1']}"], f"{prefix}.fc1", mlp.fc1, bias),
@@ -267,6 +310,36 @@ def mlp_links(
         order = [gate, value] if info.packed_gate_first else [value, gate]
         links = linear_links(order, f"{prefix}.fc1", mlp.fc1, bias)
     return [*links, *linear_links([down], f"{prefix}.fc2", mlp.fc2, bias)]
+
+
+def _padded_mlp_links(
+    prefix: str, hf_prefix: str, mlp: nn.Module, info: MlpFacts, names: Mapping[str, str], bias: bool, padding: int
+) -> list[Link]:
+    """Return `mlp_links` for a transformers MLP `padding` units wider than timm's."""
+    width, down = info.width, mlp.fc2
+    inputs: list[tuple[str, str | Rows, str | Rows | None, int]] = []
+    if not info.gated:
+        fc1 = mlp.fc1
+        timm_bias = f"{prefix}.fc1.bias" if fc1.bias is not None else None
+        inputs.append((names["fc1"], f"{prefix}.fc1.weight", timm_bias, fc1.in_features))
+    elif info.packed_gate_first is None:
+        for key, timm_name in (("gate", "fc1_g"), ("up", "fc1_x")):
+            linear = getattr(mlp, timm_name)
+            timm_bias = f"{prefix}.{timm_name}.bias" if linear.bias is not None else None
+            inputs.append((names[key], f"{prefix}.{timm_name}.weight", timm_bias, linear.in_features))
+    else:
+        fc1 = mlp.fc1
+        starts = {"gate": 0, "up": width} if info.packed_gate_first else {"gate": width, "up": 0}
+        for key, start in starts.items():
+            timm_bias = Rows(f"{prefix}.fc1.bias", start, width) if fc1.bias is not None else None
+            inputs.append((names[key], Rows(f"{prefix}.fc1.weight", start, width), timm_bias, fc1.in_features))
+    links: list[Link] = []
+    for hf_name, weight, timm_bias, columns in inputs:
+        links += padded_links(f"{hf_prefix}.{hf_name}", weight, timm_bias, (width, columns), padding, bias)
+    output_name = names["fc2"] if not info.gated else names["down"]
+    zeros = Fill((down.out_features, padding), tolerance=PADDING_TOLERANCE)
+    links.append(Link((f"{hf_prefix}.{output_name}.weight",), (f"{prefix}.fc2.weight", zeros), timm_dim=1))
+    return [*links, *linear_links([f"{hf_prefix}.{output_name}"], f"{prefix}.fc2", down, bias)[1:]]
 
 
 @dataclass(frozen=True)
@@ -286,6 +359,7 @@ class VitFacts:
     num_register_tokens: int
     distilled: bool
     no_embed_class: bool
+    dynamic_img_size: bool
 
 
 def read_vision_transformer(model: nn.Module, timm: types.ModuleType) -> VitFacts:
@@ -349,6 +423,7 @@ def read_vision_transformer(model: nn.Module, timm: types.ModuleType) -> VitFact
         num_register_tokens=int(model.num_reg_tokens),
         distilled=getattr(model, "dist_token", None) is not None,
         no_embed_class=bool(model.no_embed_class),
+        dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
     )
 
 
@@ -372,10 +447,13 @@ CLIP_NAMES = {
 }
 
 
-def vit_block_links(model: nn.Module, facts: VitFacts, names: Mapping[str, str], qkv_bias: bool) -> list[Link]:
+def vit_block_links(
+    model: nn.Module, facts: VitFacts, names: Mapping[str, str], qkv_bias: bool, mlp_padding: int = 0
+) -> list[Link]:
     """Return the links of every block of a timm `VisionTransformer` under transformers' `names`. transformers'
     output projection and MLP always have biases, its query/key/value projections when `qkv_bias` (zeros where timm
-    has none); the layer scales are linked only for families that have them (`layer_scale1` in `names`)."""
+    has none); the layer scales are linked only for families that have them (`layer_scale1` in `names`); the
+    transformers MLP is `mlp_padding` zero units wider than timm's (`mlp_links`)."""
     links: list[Link] = []
     for index, block in enumerate(model.blocks):
         prefix, hf = f"blocks.{index}", f"{names['layers']}.{index}"
@@ -384,7 +462,7 @@ def vit_block_links(model: nn.Module, facts: VitFacts, names: Mapping[str, str],
         links += linear_links([f"{attention}.{p}_proj" for p in "qkv"], f"{prefix}.attn.qkv", block.attn.qkv, qkv_bias)
         links += linear_links([f"{hf}.{names['output']}"], f"{prefix}.attn.proj", block.attn.proj, True)
         links += norm_links(f"{hf}.{names['norm2']}", f"{prefix}.norm2")
-        links += mlp_links(f"{prefix}.mlp", hf, block.mlp, facts.mlp, names, True)
+        links += mlp_links(f"{prefix}.mlp", hf, block.mlp, facts.mlp, names, True, mlp_padding)
         if "layer_scale1" in names:
             for scale, key in ((block.ls1, "1"), (block.ls2, "2")):
                 timm_name = f"{prefix}.ls{key}.gamma" if not isinstance(scale, nn.Identity) else None
@@ -419,19 +497,22 @@ def require_plain(model: nn.Module, facts: VitFacts, family: str, pre_norm: bool
             raise refusal(model, f"it is a {family} ViT with {what}", f"transformers' {family} model has none.")
 
 
-def dinov2_mlp_ratio(model: nn.Module, facts: VitFacts) -> int:
-    """Return the integer `mlp_ratio` for which transformers' DINOv2 MLP is as wide as the timm one."""
+def dinov2_mlp_ratio(model: nn.Module, facts: VitFacts) -> tuple[int, int]:
+    """Return the smallest integer `mlp_ratio` for which transformers' DINOv2 MLP is at least as wide as the timm one,
+    and by how many units it is wider (the zero padding of `mlp_links`; 0 for timm's own DINOv2 models, which
+    transformers builds exactly). Virchow's ViT-H (hidden 1280, `mlp_ratio=5.3375`: a SwiGLU 3416 wide) needs 4
+    units of padding: transformers builds 3420 from `mlp_ratio=4`."""
     hidden, width = facts.hidden_size, facts.mlp.width
     for ratio in range(1, MAX_MLP_RATIO + 1):
         built = int(hidden * ratio)
         if facts.mlp.gated:
             built = (int(built * 2 / 3) + 7) // 8 * 8
-        if built == width:
-            return ratio
+        if built >= width:
+            return ratio, built - width
     raise refusal(
         model,
         f"its {'SwiGLU' if facts.mlp.gated else 'GELU'} MLP is {width} wide at hidden size {hidden}",
-        "transformers' DINOv2 builds its MLP from an integer mlp_ratio, and none gives that width.",
+        f"transformers' DINOv2 builds its MLP from an integer mlp_ratio up to {MAX_MLP_RATIO} here, none that wide.",
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from ..analysis.detection import HIGH_NORM_FACTOR, DefectAnalysis
 from ..models.other_libraries import OPEN_CLIP_FILE, parse_model_name
+from ..models.timm.arguments import is_dotted_name, loading_line
 
 Outcome = Literal["repaired", "partial", "not_repaired", "nothing_to_repair"]
 
@@ -172,9 +173,7 @@ def summary_text(report: dict[str, Any], output_dir: Path) -> str:
             f"  mean cosine to the original: clean tokens {report['clean_token_cosine']:.3f}, CLS "
             f"{report['cls_cosine']:.3f}"
         )
-        lines.append(
-            f"Outputs in {output_dir}: {_model_outputs(report['model'], output_dir)}, adapter/, report.json, figures/"
-        )
+        lines.append(f"Outputs in {output_dir}: {_model_outputs(report, output_dir)}, adapter/, report.json, figures/")
     else:
         lines.append(f"No model written: nothing was removed. Report in {output_dir / 'report.json'}")
         if report["steps"] > 0:
@@ -184,14 +183,14 @@ def summary_text(report: dict[str, Any], output_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _model_outputs(model: str, output_dir: Path) -> str:
-    """Return how the summary names the repaired model's directories, and how each is loaded, for `--model`."""
-    source = parse_model_name(model)
+def _model_outputs(report: dict[str, Any], output_dir: Path) -> str:
+    """Return how the summary names the repaired model's directories, and how each is loaded, for the report's
+    `model` (a timm model's line passes its layer arguments again, as model/README.md does)."""
+    source = parse_model_name(report["model"])
     if source.library == "timm":
-        return (
-            f'model/ (timm.create_model("local-dir:{output_dir / "model"}", pretrained=True)), model-transformers/ '
-            "(AutoModel.from_pretrained)"
-        )
+        layers = {key: value for key, value in report.get("model_kwargs", {}).items() if is_dotted_name(value)}
+        line = loading_line(str(output_dir / "model"), layers).removeprefix("model = ")
+        return f"model/ ({line}), model-transformers/ (AutoModel.from_pretrained)"
     if source.library == "open_clip":
         architecture = source.name.split("/", 1)[0]
         checkpoint = output_dir / "model" / OPEN_CLIP_FILE

@@ -118,6 +118,13 @@ class TrainingArguments:
         return "log" if self.recipe == "preserve" else "additive"
 
     @property
+    def fuse_gated_mlp(self) -> bool:
+        """Whether the adapter adapts a gated MLP's gate and up projections as one target
+        (`SinderConfig.fuse_gated_mlp`) for the recipe: `paper` does, as the official code adapts the original
+        DINOv2's fused `w12` layer with one SVD and one shift vector (docs/method.md §10)."""
+        return self.recipe == "paper"
+
+    @property
     def window_settings(self) -> WindowSettings:
         """The settings of the defect test and the loss."""
         return WindowSettings(

@@ -40,6 +40,14 @@ class TrainingArguments:
         default="auto",
         metadata={"help": DIRECTION_SOURCE_HELP + " Chosen once, on the selection images of the base model."},
     )
+    gated_mlp: Literal["fused", "split"] | None = field(
+        default=None,
+        metadata={
+            "help": "How the adapter treats a gated MLP's gate and up projections (DINOv2 with SwiGLU, DINOv3's gated "
+            "MLP): fused, one SVD of [W_gate; W_up] and one shift vector, as the official code adapts DINOv2's w12; "
+            "split, two SVDs and two shift vectors (default: the recipe's, fused for paper, FIXME for preserve)."
+        },
+    )
     lr: float | None = field(
         default=None,
         metadata={
@@ -92,6 +100,7 @@ class TrainingArguments:
         checks = {
             "recipe": self.recipe in ("paper", "preserve"),
             "directions": self.directions in DIRECTION_SOURCES,
+            "gated_mlp": self.gated_mlp in (None, "fused", "split"),
             "lr": self.lr is None or self.lr > 0,
             "momentum": 0 <= self.momentum < 1,
             "max_steps": self.max_steps >= 1,
@@ -120,8 +129,10 @@ class TrainingArguments:
     @property
     def fuse_gated_mlp(self) -> bool:
         """Whether the adapter adapts a gated MLP's gate and up projections as one target
-        (`SinderConfig.fuse_gated_mlp`) for the recipe: `paper` does, as the official code adapts the original
-        DINOv2's fused `w12` layer with one SVD and one shift vector (docs/method.md §10)."""
+        (`SinderConfig.fuse_gated_mlp`): `gated_mlp`, or the recipe's. `paper` fuses them, as the official code adapts
+        the original DINOv2's fused `w12` layer with one SVD and one shift vector (docs/method.md §10)."""
+        if self.gated_mlp is not None:
+            return self.gated_mlp == "fused"
         return self.recipe == "paper"
 
     @property

@@ -159,8 +159,13 @@ def test_adapter_size_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     # window case (--quick: 2 blocks with gradients): the gradient window of a defective layer at half the depth
     assert (giant["window_start"], giant["window_end"]) == (19, 20)
     assert giant["window"]["adapted_layers"] == 2
+    # fused gated MLPs: the stacked [gate; up] (8192 x 1536) has 1536 shifts and one fingerprint, not two of each
+    assert giant["fused"]["layout"]["targets"]["mlp.gate_proj+up_proj"] == [8192, 1536]
+    assert giant["fused"]["all_layers"]["delta_entries"] == 40 * 4 * 1536
+    assert giant["fused"]["all_layers"]["tensor_bytes"] == 4 * (40 * 4 * 1536 + 40 * 4 * 6)
+    assert small["fused"]["all_layers"] == small["all_layers"]
     # the saved files hold exactly the bytes of the formula, plus a header
-    assert [check["case"] for check in result["saved"]] == ["all_layers", "last_half"]
+    assert [check["case"] for check in result["saved"]] == ["all_layers", "last_half", "all_layers_swiglu_fused"]
     for check in result["saved"]:
         assert check["formula_matches"] is True
         assert check["stored_tensor_bytes"] == check["formula_tensor_bytes"]

@@ -234,10 +234,10 @@ def test_plain_mlps_are_the_same_fused_or_not() -> None:
     assert {type(module) for module in fused.modules() if isinstance(module, SinderLayer)} == {Linear}
 
 
-def test_the_paper_recipe_fuses_gated_mlps() -> None:
-    assert TrainingArguments(recipe="paper").fuse_gated_mlp
+def test_both_recipes_fuse_gated_mlps_unless_told_to_split() -> None:
+    assert TrainingArguments(recipe="paper").fuse_gated_mlp and TrainingArguments(recipe="preserve").fuse_gated_mlp
     assert not TrainingArguments(recipe="paper", gated_mlp="split").fuse_gated_mlp
-    assert TrainingArguments(recipe="preserve", gated_mlp="fused").fuse_gated_mlp
+    assert not TrainingArguments(recipe="preserve", gated_mlp="split").fuse_gated_mlp
     arguments = TrainingArguments(recipe="paper")
     model = build_sinder_model(tiny_dinov2("swiglu"), [1], shift=arguments.shift, fuse_gated_mlp=True)
     assert model.peft_config["default"].fuse_gated_mlp

@@ -173,6 +173,22 @@ def test_adapter_size_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert 2 * result["saved"][1]["adapted_layers"] == result["saved"][0]["adapted_layers"]
 
 
+def test_fidelity_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The official code's least-squares directions agree with ours past the first layer, and rebuilding every
+    weight from its float32 SVD (what the official code writes back) moves weights and tokens by float noise only."""
+    module = load_benchmark("bench_fidelity", monkeypatch)
+    for part in ("directions", "rebuild"):
+        module.main(["--quick", "--threads", "1", "--part", part, "--output", str(tmp_path / f"{part}.json")])
+    directions = read_json(tmp_path / "directions.json")["directions"]
+    assert [entry["model"] for entry in directions] == ["planted GELU", "planted SwiGLU"]
+    assert all(entry["min_past_first"] > 0.99 and len(entry["cosines"]) == 6 for entry in directions)
+    rebuild = read_json(tmp_path / "rebuild.json")["rebuild"]
+    for entry in rebuild:
+        assert len(entry["weights"]) == 6 * 6  # q, k, v, o and the two MLP weights (SwiGLU: [gate; up], down)
+        assert 0 < entry["max_frobenius"] < 1e-5 and 0 < entry["tokens_relative_max"] < 1e-4
+    assert "gate_proj+up_proj" in {change["weight"] for change in rebuild[1]["weights"]}
+
+
 def test_scaling_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     module = load_benchmark("bench_scaling", monkeypatch)
     output = tmp_path / "scaling.json"

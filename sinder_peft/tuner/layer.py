@@ -24,7 +24,9 @@ exact up to float32 rounding: the factors come from a float64 SVD, rounded once 
 
 The SVD is of the *original* base weight `W0` and is computed once, when the layer is created; `U`, `S` and `V^T` are
 non-persistent buffers (never saved: reloading recomputes them from the base weights). Merging adds
-`U diag(delta) V^T` to the base weight, unmerging subtracts it.
+`U diag(delta) V^T` to the base weight, unmerging subtracts it. A layer may also apply some rows of the SVD of a
+larger matrix whose `S`, `V^T` and shifts another layer owns (its `shift_owner`): the gate and up projections of a
+fused gated MLP share the SVD of `[W_gate; W_up]` (`sinder_peft.tuner.fused_layer`).
 
 A small fingerprint of the spectrum (the four largest singular values, the sum of all of them, and the rounding unit of
 the weight's dtype) is saved with each adapter; loading an adapter whose fingerprint does not match the base weight it

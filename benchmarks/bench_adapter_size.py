@@ -2,7 +2,10 @@
 
 A SINDER adapter stores, per targeted linear layer (`v_proj`, `o_proj` and every MLP projection: `fc1`, `fc2`, or
 `gate_proj`, `up_proj`, `down_proj` for ViT-g), one shift per singular value (`min(in, out)` float32 values) and a
-spectrum fingerprint (`FINGERPRINT_SIZE` = 6 float32 values). The shapes come from the Hub configs of
+spectrum fingerprint (`FINGERPRINT_SIZE` = 6 float32 values). A fused gated MLP (`SinderConfig(fuse_gated_mlp=True)`,
+what both recipes use) is one target: the stacked `[W_gate; W_up]`, `min(2h, C)` shifts and one fingerprint, instead
+of `gate_proj` and `up_proj` with theirs; the "fused" columns give that case (the same as split for GELU models).
+The shapes come from the Hub configs of
 facebook/dinov2-{small,base,large,giant} (the with-registers checkpoints have the same linear layers; their
 parameter count adds 4 register tokens); the models are built on the meta device, so nothing is downloaded or
 allocated.
@@ -14,8 +17,8 @@ assumed to be `--earliest-defective-fraction` of the depth (rounded down), and t
 any other assumption (or a run whose defects move deeper, adapting more windows) is one multiplication.
 
 Finally adapters are saved for a randomly initialised ViT-S-shaped model (every layer, then the last half of the
-layers) and each `adapter_model.safetensors` is compared with the formula: the tensor bytes must match exactly; the
-rest is the safetensors header.
+layers, then every layer of its SwiGLU variant with fused gated MLPs) and each `adapter_model.safetensors` is
+compared with the formula: the tensor bytes must match exactly; the rest is the safetensors header.
 
 Usage:
     python benchmarks/bench_adapter_size.py --output results/adapter_size.json
@@ -25,6 +28,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -54,9 +58,10 @@ from sinder_peft.tuner.layer import FINGERPRINT_SIZE
 FLOAT32_BYTES = 4
 
 
-def adapter_layout(config: Any) -> dict[str, Any]:
-    """Return the adapter's per-layer layout for `config`: targeted module paths with their shapes, the shift
-    entries and fingerprint entries of one block, and the model's parameter count (built on the meta device)."""
+def adapter_layout(config: Any, fuse_gated_mlp: bool = False) -> dict[str, Any]:
+    """Return the adapter's per-layer layout for `config`: targeted module paths with their shapes (a fused gated
+    MLP's gate and up projections as one target `<gate>+<up>` of the stacked shape), the shift entries and
+    fingerprint entries of one block, and the model's parameter count (built on the meta device)."""
     model_class = Dinov2WithRegistersModel if getattr(config, "num_register_tokens", 0) else Dinov2Model
     with torch.device("meta"):
         model = model_class(config)
@@ -64,6 +69,10 @@ def adapter_layout(config: Any) -> dict[str, Any]:
     targets = (*block_description.attention_targets, *block_description.mlp_targets)
     block = model.encoder.layer[0]
     shapes = {path: tuple(block.get_submodule(path).weight.shape) for path in targets}
+    if fuse_gated_mlp and block_description.mlp.kind == "gated":
+        gate, up = (f"{block_description.mlp_prefix}.{name}" for name in block_description.mlp.input_projections)
+        (gate_rows, columns), (up_rows, _) = shapes.pop(gate), shapes.pop(up)
+        shapes = {f"{gate}+{up.rsplit('.', 1)[-1]}": (gate_rows + up_rows, columns), **shapes}
     return {
         "targets": shapes,
         "delta_entries_per_block": sum(min(shape) for shape in shapes.values()),
@@ -99,7 +108,8 @@ def computed_sizes(args: argparse.Namespace) -> list[dict[str, Any]]:
     for size in args.sizes:
         shape = get_shape(size)
         for registers in (False, True):
-            layout = adapter_layout(dinov2_config(shape, registers=registers))
+            config = dinov2_config(shape, registers=registers)
+            layout, fused = adapter_layout(config), adapter_layout(config, fuse_gated_mlp=True)
             start, end = assumed_window(layout["num_layers"], args.earliest_defective_fraction, args.limit_layers)
             results.append(
                 {
@@ -113,6 +123,12 @@ def computed_sizes(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "window_start": start,
                     "window_end": end,
                     "window": adapter_bytes(layout, end - start + 1),
+                    "fused": {
+                        "layout": fused,
+                        "per_layer": adapter_bytes(fused, 1),
+                        "all_layers": adapter_bytes(fused, fused["num_layers"]),
+                        "window": adapter_bytes(fused, end - start + 1),
+                    },
                 }
             )
     return results
@@ -120,19 +136,21 @@ def computed_sizes(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def saved_adapter_check(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Save adapters of a random `args.saved_size` model (every layer, then the last half of the layers through
-    `layers_to_transform`) and compare the files with `adapter_bytes`.
+    `layers_to_transform`, then every layer of its SwiGLU variant with fused gated MLPs) and compare the files with
+    `adapter_bytes`.
 
     Returns per case: the file sizes, the bytes of the stored tensors (read back with safetensors), the formula's
     bytes, the trainable entries of the PEFT model, and whether tensor bytes and formula agree exactly.
     """
     shape = get_shape(args.saved_size)
     checks = []
-    for case in ("all_layers", "last_half"):
-        model = random_dinov2(shape, seed=args.seed)
-        layout = adapter_layout(model.config)
+    for case in ("all_layers", "last_half", "all_layers_swiglu_fused"):
+        fused = case == "all_layers_swiglu_fused"
+        model = random_dinov2(dataclasses.replace(shape, use_swiglu_ffn=True) if fused else shape, seed=args.seed)
+        layout = adapter_layout(model.config, fuse_gated_mlp=fused)
         num_layers = layout["num_layers"]
-        layers = None if case == "all_layers" else list(range(num_layers // 2, num_layers))
-        peft_model = get_peft_model(model, SinderConfig(layers_to_transform=layers))
+        layers = None if case != "last_half" else list(range(num_layers // 2, num_layers))
+        peft_model = get_peft_model(model, SinderConfig(layers_to_transform=layers, fuse_gated_mlp=fused))
         trainable = sum(parameter.numel() for parameter in peft_model.parameters() if parameter.requires_grad)
         expected = adapter_bytes(layout, num_layers if layers is None else len(layers))
         with tempfile.TemporaryDirectory() as folder:
@@ -219,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{result['all_layers']['tensor_bytes'] / model_bytes:.2e}",
                 f"{result['window_start']}-{result['window_end']}",
                 f"{window['tensor_bytes']:,}",
+                f"{result['fused']['all_layers']['tensor_bytes']:,}",
+                f"{result['fused']['window']['tensor_bytes']:,}",
             ]
         )
     headers = [
@@ -231,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "adapter / model",
         "window layers",
         "adapter bytes, window",
+        "fused: all layers",
+        "fused: window",
     ]
     print(format_table(headers, rows) + "\n")
     print(

@@ -12,10 +12,15 @@
   `synthetic.random_planting.build_random_planted_dinov2` (seeds x 6/8 blocks x GELU/SwiGLU) with each recipe,
   judged on held-out pictures: last-layer max/median token norm before and after, mean cosine to the original of the
   clean tokens (norm below 4x the median before) and of the CLS token, steps and seconds.
+* `--part gated`: the `preserve` recipe with a gated MLP's gate and up projections split (two SVDs, two shifts) and
+  fused (one SVD of `[W_gate; W_up]`, one shift, `--gated-mlp`), on the SwiGLU models of the ablation
+  (`--seeds` x `--blocks`) and on SwiGLU sparse-unit models (`build_sparse_unit_dinov2`, `--sparse-seeds`, 8 blocks),
+  judged the same way; for a sparse-unit model the clean tokens are compared with the model without the unit.
 
 Usage:
     python benchmarks/bench_recipes.py --threads 1 --part step --output results/recipes_step.json
     python benchmarks/bench_recipes.py --threads 1 --part ablation --output results/recipes_ablation.json
+    python benchmarks/bench_recipes.py --threads 1 --part gated --seeds 41 42 45 --output results/recipes_gated.json
     python benchmarks/bench_recipes.py --quick --output /tmp/recipes.json
 """
 
@@ -43,10 +48,11 @@ from sinder_peft.images.preprocessing import normalize_image
 from sinder_peft.jobs.repair import repair
 from sinder_peft.jobs.repair_arguments import RepairArguments
 from sinder_peft.synthetic.demo import generate_demo_image
-from sinder_peft.synthetic.random_planting import build_random_planted_dinov2
+from sinder_peft.synthetic.random_planting import build_random_planted_dinov2, build_sparse_unit_dinov2
 from sinder_peft.training.arguments import TrainingArguments
 
 RECIPES = ("paper", "preserve")
+GATED_MLP_FORMS = ("split", "fused")
 TRAIN_SEEDS = range(300, 324)
 HELD_OUT_SEEDS = range(2000, 2008)
 
@@ -96,12 +102,94 @@ def measure_steps(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any
     return results
 
 
-def run_ablation(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
-    """Repair every planted model with each recipe and judge it on held-out pictures."""
+def training_folder(scratch: Path) -> Path:
+    """Write the training pictures (`TRAIN_SEEDS`) into a folder of `scratch` and return it."""
     images = scratch / "train"
     images.mkdir(parents=True, exist_ok=True)
     for seed in TRAIN_SEEDS:
         generate_demo_image(seed).save(images / f"{seed}.png")
+    return images
+
+
+def judged_repair(
+    planted_model: torch.nn.Module,
+    reference_model: torch.nn.Module,
+    training: TrainingArguments,
+    images: Path,
+    held_out: torch.Tensor,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """Repair `planted_model` (saved into `run_dir`) on `images` with `training` and judge it on `held_out`: the
+    last-layer max/median token norm before and after, and the cosine of the clean tokens (below 4x the median norm
+    in the planted model) and of the CLS token to `reference_model` (the planted model itself, or the model
+    without its sparse unit)."""
+    source = run_dir / "source"
+    if not source.exists():
+        planted_model.save_pretrained(source)
+    before = find_defect_tokens(planted_model, held_out)
+    reference_features = output_features(reference_model, held_out)
+    clean = clean_token_mask(before.token_norms[:, -1])
+    output_dir = run_dir / f"{training.recipe}-{training.gated_mlp}"
+    result = repair(
+        RepairArguments(
+            model=str(source), data=str(images), resolution=224, output_dir=str(output_dir), overwrite=True
+        ),
+        training,
+    )
+    repaired = type(planted_model).from_pretrained(output_dir / "model").eval() if result.report["repaired"] else None
+    after = find_defect_tokens(repaired, held_out) if repaired is not None else before
+    after_features = (
+        output_features(repaired, held_out) if repaired is not None else output_features(planted_model, held_out)
+    )
+    return {
+        "ratio_before": float(before.max_median_norm_ratio[:, -1].mean()),
+        "ratio_after": float(after.max_median_norm_ratio[:, -1].mean()),
+        "ratio_after_max": float(after.max_median_norm_ratio[:, -1].max()),
+        "clean_cosine": clean_token_cosine(reference_features, after_features, clean),
+        "cls_cosine": pooled_cosine(reference_features, after_features),
+        "steps": result.state.step,
+        "seconds": result.state.seconds,
+    }
+
+
+def run_gated(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
+    """Repair SwiGLU planted models with `preserve`, gate and up projections split and fused, and judge them."""
+    images = training_folder(scratch)
+    held_out = pictures(HELD_OUT_SEEDS)
+    models = [
+        (f"swiglu{blocks}-s{seed}", build_random_planted_dinov2(seed=seed, num_layers=blocks, swiglu=True), None)
+        for seed in args.seeds
+        for blocks in args.blocks
+    ]
+    models += [
+        (
+            f"sparse-swiglu8-s{seed}",
+            build_sparse_unit_dinov2(seed=seed, swiglu=True),
+            build_sparse_unit_dinov2(seed=seed, swiglu=True, with_unit=False).model,
+        )
+        for seed in args.sparse_seeds
+    ]
+    rows = []
+    for name, planted, reference in models:
+        for form in GATED_MLP_FORMS:
+            training = TrainingArguments(
+                recipe="preserve", gated_mlp=form, max_steps=args.max_steps, stop_window=len(TRAIN_SEEDS)
+            )
+            numbers = judged_repair(
+                planted.model,
+                reference if reference is not None else planted.model,
+                training,
+                images,
+                held_out,
+                scratch / name,
+            )
+            rows.append({"model": name, "recipe": "preserve", "gated_mlp": form, **numbers})
+    return rows
+
+
+def run_ablation(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
+    """Repair every planted model with each recipe and judge it on held-out pictures."""
+    images = training_folder(scratch)
     held_out = pictures(HELD_OUT_SEEDS)
     rows = []
     for seed in args.seeds:
@@ -151,7 +239,7 @@ def run_ablation(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("step", "ablation", "both"), default="both")
+    parser.add_argument("--part", choices=("step", "ablation", "gated", "both"), default="both")
     parser.add_argument("--resolution", type=int, nargs="+", default=[224, 518])
     parser.add_argument("--hidden-size", type=int, default=768)
     parser.add_argument("--num-layers", type=int, default=12)
@@ -159,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[41, 42])
     parser.add_argument("--blocks", type=int, nargs="+", default=[6, 8])
+    parser.add_argument("--sparse-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one model, two repeats")
     parser.add_argument("--output", default=None)
@@ -195,6 +284,23 @@ def main(argv: list[str] | None = None) -> None:
                 for entry in payload["ablation"]
             ]
             headers = ["model", "recipe", "ratio before", "ratio after", "clean cos", "CLS cos", "steps", "s"]
+            print(format_table(headers, rows))
+        if args.part == "gated":
+            payload["gated"] = run_gated(args, Path(scratch))
+            rows = [
+                [
+                    entry["model"],
+                    entry["gated_mlp"],
+                    f"{entry['ratio_before']:.0f}",
+                    f"{entry['ratio_after']:.2f} (max {entry['ratio_after_max']:.2f})",
+                    f"{entry['clean_cosine']:.4f}",
+                    f"{entry['cls_cosine']:.3f}",
+                    entry["steps"],
+                    f"{entry['seconds']:.0f}",
+                ]
+                for entry in payload["gated"]
+            ]
+            headers = ["model", "gate/up", "ratio before", "ratio after", "clean cos", "CLS cos", "steps", "s"]
             print(format_table(headers, rows))
     if args.output:
         write_json(args.output, payload)

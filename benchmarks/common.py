@@ -401,7 +401,9 @@ def step_from_zero_shifts(
     """
     directions = compute_directions(model)
     window = list(gradient_window(defect_layer, training.limit_layers))
-    peft_model = build_sinder_model(model, window, shift=training.shift).to(device)
+    peft_model = build_sinder_model(model, window, shift=training.shift, fuse_gated_mlp=training.fuse_gated_mlp).to(
+        device
+    )
     accelerator = Accelerator(cpu=torch.device(device).type == "cpu")
     trainer = SinderTrainer(peft_model, directions, training, accelerator, checkpoint_dir)
 

@@ -159,13 +159,34 @@ def test_adapter_size_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     # window case (--quick: 2 blocks with gradients): the gradient window of a defective layer at half the depth
     assert (giant["window_start"], giant["window_end"]) == (19, 20)
     assert giant["window"]["adapted_layers"] == 2
+    # fused gated MLPs: the stacked [gate; up] (8192 x 1536) has 1536 shifts and one fingerprint, not two of each
+    assert giant["fused"]["layout"]["targets"]["mlp.gate_proj+up_proj"] == [8192, 1536]
+    assert giant["fused"]["all_layers"]["delta_entries"] == 40 * 4 * 1536
+    assert giant["fused"]["all_layers"]["tensor_bytes"] == 4 * (40 * 4 * 1536 + 40 * 4 * 6)
+    assert small["fused"]["all_layers"] == small["all_layers"]
     # the saved files hold exactly the bytes of the formula, plus a header
-    assert [check["case"] for check in result["saved"]] == ["all_layers", "last_half"]
+    assert [check["case"] for check in result["saved"]] == ["all_layers", "last_half", "all_layers_swiglu_fused"]
     for check in result["saved"]:
         assert check["formula_matches"] is True
         assert check["stored_tensor_bytes"] == check["formula_tensor_bytes"]
         assert check["safetensors_file_bytes"] == check["stored_tensor_bytes"] + check["header_bytes"]
     assert 2 * result["saved"][1]["adapted_layers"] == result["saved"][0]["adapted_layers"]
+
+
+def test_fidelity_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The official code's least-squares directions agree with ours past the first layer, and rebuilding every
+    weight from its float32 SVD (what the official code writes back) moves weights and tokens by float noise only."""
+    module = load_benchmark("bench_fidelity", monkeypatch)
+    for part in ("directions", "rebuild"):
+        module.main(["--quick", "--threads", "1", "--part", part, "--output", str(tmp_path / f"{part}.json")])
+    directions = read_json(tmp_path / "directions.json")["directions"]
+    assert [entry["model"] for entry in directions] == ["planted GELU", "planted SwiGLU"]
+    assert all(entry["min_past_first"] > 0.99 and len(entry["cosines"]) == 6 for entry in directions)
+    rebuild = read_json(tmp_path / "rebuild.json")["rebuild"]
+    for entry in rebuild:
+        assert len(entry["weights"]) == 6 * 6  # q, k, v, o and the two MLP weights (SwiGLU: [gate; up], down)
+        assert 0 < entry["max_frobenius"] < 1e-5 and 0 < entry["tokens_relative_max"] < 1e-4
+    assert "gate_proj+up_proj" in {change["weight"] for change in rebuild[1]["weights"]}
 
 
 def test_scaling_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -131,7 +131,7 @@ def prepare_repair(
         layers = select_layers_to_transform(
             before.first_defective_layer.tolist(), description.num_layers, training.limit_layers
         )
-        model = build_sinder_model(base_model, layers, shift=training.shift)
+        model = build_sinder_model(base_model, layers, shift=training.shift, fuse_gated_mlp=training.fuse_gated_mlp)
     if model is not None:
         found = sorted({layer for layer in before.first_defective_layer.tolist() if layer >= 0})
         born = sorted({layer for layer in before.first_high_norm_defect_layer.tolist() if layer >= 0})

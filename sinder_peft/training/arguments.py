@@ -53,6 +53,14 @@ class TrainingArguments:
         default="auto",
         metadata={"help": DIRECTION_SOURCE_HELP + " Chosen once, on the selection images of the base model."},
     )
+    gated_mlp: Literal["fused", "split"] = field(
+        default="fused",
+        metadata={
+            "help": "How the adapter treats a gated MLP's gate and up projections (DINOv2 with SwiGLU, DINOv3's gated "
+            "MLP): fused, one SVD of [W_gate; W_up] and one shift vector, as the official code adapts DINOv2's w12; "
+            "split, two SVDs and two shift vectors (docs/method.md §10)."
+        },
+    )
     lr: float | None = field(
         default=None,
         metadata={
@@ -114,6 +122,7 @@ class TrainingArguments:
         checks = {
             "recipe": self.recipe in RECIPES,
             "directions": self.directions in DIRECTION_SOURCES,
+            "gated_mlp": self.gated_mlp in ("fused", "split"),
             "lr": self.lr is None or self.lr > 0,
             "momentum": 0 <= self.momentum < 1,
             "max_steps": self.max_steps >= 1,
@@ -138,6 +147,15 @@ class TrainingArguments:
     def shift(self) -> Literal["additive", "log"]:
         """The adapter's shift (`SinderConfig.shift`) for the recipe."""
         return "log" if self.recipe == "preserve" else "additive"
+
+    @property
+    def fuse_gated_mlp(self) -> bool:
+        """Whether the adapter adapts a gated MLP's gate and up projections as one target
+        (`SinderConfig.fuse_gated_mlp`), as `gated_mlp` says: both recipes fuse them by default. `paper` must, as the
+        official code adapts the original DINOv2's fused `w12` layer with one SVD and one shift vector; for `preserve`
+        split and fused repaired nine SwiGLU planted models alike (same steps, ratio and clean cosine within 1e-3),
+        and fused holds half the gated MLP's shifts (docs/method.md §10)."""
+        return self.gated_mlp == "fused"
 
     @property
     def defect_test(self) -> DefectTest:

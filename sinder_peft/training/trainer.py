@@ -322,11 +322,16 @@ def capped_stop_window(stop_window: int, dataset: Dataset | IterableDataset, *, 
 
 
 def build_sinder_model(
-    base_model: nn.Module, layers_to_transform: Sequence[int], shift: Literal["additive", "log"] = "additive"
+    base_model: nn.Module,
+    layers_to_transform: Sequence[int],
+    shift: Literal["additive", "log"] = "additive",
+    fuse_gated_mlp: bool = False,
 ) -> PeftModel:
     """Wrap `base_model` in a trainable SINDER adapter with the given `shift` on the given blocks (default targets
-    of its architecture)."""
-    return get_peft_model(base_model, SinderConfig(layers_to_transform=list(layers_to_transform), shift=shift))
+    of its architecture), its gated MLPs fused or not (`SinderConfig.fuse_gated_mlp`; `TrainingArguments.shift` and
+    `TrainingArguments.fuse_gated_mlp` give a recipe's)."""
+    config = SinderConfig(layers_to_transform=list(layers_to_transform), shift=shift, fuse_gated_mlp=fuse_gated_mlp)
+    return get_peft_model(base_model, config)
 
 
 def compute_directions(model: nn.Module) -> list[torch.Tensor]:

@@ -2,6 +2,7 @@
 
 - `config.py`: `SinderConfig`, the adapter's settings;
 - `layer.py`: `SinderLayer` and `Linear`, W = U·diag(S + δ)·Vᵀ with only δ trained (factored forward, merge);
+- `fused_layer.py`: a gated MLP's gate and up projections as one target, one SVD of [W_gate; W_up] and one shift;
 - `model.py`: `SinderModel`, the tuner that injects the layers and fills in each family's default targets;
 - `registration.py`: registering the "SINDER" type with PEFT's closed `PeftType` enum;
 - `descriptions.py`, `architectures.py`: the architecture registry, what every family's blocks are made of and how to

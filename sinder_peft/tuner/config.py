@@ -37,6 +37,12 @@ class SinderConfig(PeftConfig):
         shift (`str`):
             How a shift acts on a singular value: `"additive"`, `S + delta` (the paper's, and what adapters without
             this field hold), or `"log"`, `S * exp(delta)` (the `preserve` recipe, docs/method.md §7).
+        fuse_gated_mlp (`bool`):
+            Adapt the gate and up projections of a gated MLP (DINOv2 with SwiGLU, DINOv3's gated MLP) as one target,
+            as the official SINDER code adapts the original DINOv2's fused `w12` layer: one SVD of the stacked weight
+            `[W_gate; W_up]`, one shift vector of `min(2h, C)` values, merged back into both projections
+            (`sinder_peft.tuner.fused_layer`). False (the default, and what adapters without this field hold) adapts
+            them as two targets, each with its own SVD and shift. Plain MLPs are the same either way.
         fingerprint_rtol (`Optional[float]`):
             Read from adapter configs written by sinder-peft 0.1.0 and not used: the base-model check done when an
             adapter is loaded now compares each fingerprinted singular value within the change that rounding to the
@@ -70,6 +76,13 @@ class SinderConfig(PeftConfig):
     shift: Literal["additive", "log"] = field(
         default="additive",
         metadata={"help": "How a shift acts on a singular value: 'additive' (S + delta) or 'log' (S * exp(delta))."},
+    )
+    fuse_gated_mlp: bool = field(
+        default=False,
+        metadata={
+            "help": "Adapt a gated MLP's gate and up projections as one target: one SVD of [W_gate; W_up] and one "
+            "shift vector, as the official code adapts DINOv2's fused w12."
+        },
     )
     fingerprint_rtol: float | None = field(
         default=None,

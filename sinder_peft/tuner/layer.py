@@ -24,7 +24,9 @@ exact up to float32 rounding: the factors come from a float64 SVD, rounded once 
 
 The SVD is of the *original* base weight `W0` and is computed once, when the layer is created; `U`, `S` and `V^T` are
 non-persistent buffers (never saved: reloading recomputes them from the base weights). Merging adds
-`U diag(delta) V^T` to the base weight, unmerging subtracts it.
+`U diag(delta) V^T` to the base weight, unmerging subtracts it. A layer may also apply some rows of the SVD of a
+larger matrix whose `S`, `V^T` and shifts another layer owns (its `shift_owner`): the gate and up projections of a
+fused gated MLP share the SVD of `[W_gate; W_up]` (`sinder_peft.tuner.fused_layer`).
 
 A small fingerprint of the spectrum (the four largest singular values, the sum of all of them, and the rounding unit of
 the weight's dtype) is saved with each adapter; loading an adapter whose fingerprint does not match the base weight it
@@ -115,8 +117,40 @@ def _factor_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
+def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return the thin SVD `U, S, V^T` of `matrix` (m × n), computed in float64: `U` m × r, `S` r (largest first),
+    `V^T` r × n, r = min(m, n).
+
+    A wide matrix (fewer rows than columns, e.g. an MLP's output projection) is decomposed through its transpose,
+    `W^T = V S U^T`: LAPACK's SVD took half the time on the tall orientation of a 1536 x 4096 matrix (3.2 s against
+    6.7 s in float64 on one CPU thread), and the factors are the same up to the signs of singular vector pairs, which
+    `U diag(S + delta) V^T` does not see.
+    """
+    matrix = matrix.detach().to(torch.float64)
+    if matrix.shape[0] < matrix.shape[1]:
+        right, singular_values, left_transposed = torch.linalg.svd(matrix.T, full_matrices=False)
+        return left_transposed.T, singular_values, right.T
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def check_not_meta(weight: torch.Tensor) -> None:
+    """Raise if `weight` is on the meta device, where it has no values to decompose."""
+    if weight.device.type == "meta":
+        raise ValueError(
+            "SINDER needs the base weights to compute their SVD, but they are on the meta device; load the "
+            "adapter without `low_cpu_mem_usage=True`."
+        )
+
+
 class SinderLayer(BaseTunerLayer):
-    """State shared by SINDER adapter layers: frozen singular factors of the base weight, one shift per adapter."""
+    """State and math shared by SINDER adapter layers: frozen singular factors of a weight, one shift per adapter.
+
+    A layer applies `U diag(S') V^T` to its input, with `S'` the singular values shifted by every active adapter. The
+    factors and the shifts usually belong to the layer itself (`Linear`). A layer may also apply rows of the SVD of a
+    larger matrix whose shifts another layer owns: the up projection of a fused gated MLP
+    (`sinder_peft.tuner.fused_layer`) keeps only its rows of `U` and reads `S`, `V^T` and the shifts from the gate
+    projection's layer, its `shift_owner`.
+    """
 
     adapter_layer_names: tuple[str, ...] = ("sinder_delta",)
     other_param_names: tuple[str, ...] = ("sinder_fingerprint",)
@@ -136,66 +170,64 @@ class SinderLayer(BaseTunerLayer):
                 f"SINDER adapts `torch.nn.Linear` layers only, got {type(base_layer).__name__}. Check "
                 "`SinderConfig.target_modules`."
             )
+        check_not_meta(base_layer.weight)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        self._register_singular_factors(base_layer.weight)
         self.register_load_state_dict_pre_hook(_check_fingerprints_on_load)
 
-    def _register_singular_factors(self, weight: torch.Tensor) -> None:
-        """Compute the thin SVD of `weight` in float64 and keep `U`, `S`, `V^T` as non-persistent buffers.
-
-        A wide weight (fewer rows than columns, e.g. an MLP's output projection) is decomposed through its transpose,
-        `W^T = V S U^T`: LAPACK's SVD took half the time on the tall orientation of a 1536 x 4096 matrix (3.2 s
-        against 6.7 s in float64 on one CPU thread), and the factors are the same up to the signs of singular vector
-        pairs, which `U diag(S + delta) V^T` does not see.
-        """
-        if weight.device.type == "meta":
-            raise ValueError(
-                "SINDER needs the base weights to compute their SVD, but they are on the meta device; load the "
-                "adapter without `low_cpu_mem_usage=True`."
-            )
-        dtype = _factor_dtype(weight.dtype)
-        matrix = weight.detach().to(torch.float64)
-        if matrix.shape[0] < matrix.shape[1]:
-            right, singular_values, left_transposed = torch.linalg.svd(matrix.T, full_matrices=False)
-            left, right_transposed = left_transposed.T, right.T
-        else:
-            left, singular_values, right_transposed = torch.linalg.svd(matrix, full_matrices=False)
+    def _register_singular_factors(
+        self, left: torch.Tensor, singular_values: torch.Tensor, right_transposed: torch.Tensor
+    ) -> None:
+        """Keep `U` (this layer's rows), `S` and `V^T` as non-persistent buffers, in `_factor_dtype` of the base
+        weight, and remember the shape of the matrix they decompose (`decomposed_shape`, for the fingerprint)."""
+        dtype = _factor_dtype(self.get_base_layer().weight.dtype)
         self.register_buffer("sinder_u", left.to(dtype).contiguous(), persistent=False)
         self.register_buffer("sinder_s", singular_values.to(dtype), persistent=False)
         self.register_buffer("sinder_vh", right_transposed.to(dtype).contiguous(), persistent=False)
+        self.decomposed_shape = (self.sinder_u.shape[0], self.sinder_vh.shape[1])
+
+    @property
+    def shift_owner(self) -> SinderLayer:
+        """The layer holding `S`, `V^T` and the shifts this layer applies: itself, except for the up projection of a
+        fused gated MLP."""
+        return self
 
     @property
     def rank(self) -> int:
-        """Number of singular values, `min(in_features, out_features)`: the length of each shift vector."""
-        return self.sinder_s.numel()
+        """Number of singular values, `min` of the decomposed matrix's sides: the length of each shift vector."""
+        return self.shift_owner.sinder_s.numel()
 
     def update_layer(self, adapter_name: str, config: SinderConfig, **kwargs: Any) -> None:
         """Add adapter `adapter_name`: a zero shift (float32, or float64 on a float64 base) of the config's kind
-        (`shift`) and the spectrum fingerprint of the base weight."""
+        (`shift`) and the spectrum fingerprint of the decomposed weight."""
         self.sinder_shift[adapter_name] = config.shift
         self.sinder_delta[adapter_name] = nn.Parameter(torch.zeros_like(self.sinder_s))
         self.sinder_fingerprint[adapter_name] = spectrum_fingerprint(self.sinder_s, self.get_base_layer().weight.dtype)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def has_shift(self, adapter_name: str) -> bool:
+        """Whether adapter `adapter_name` has a shift that this layer applies."""
+        return adapter_name in self.shift_owner.sinder_delta
+
     def singular_value_change(self, adapter_name: str) -> torch.Tensor:
         """Return `S' - S` of one adapter, differentiable in its shift: `delta` for the additive shift,
         `S * (exp(delta) - 1)` for the log-scale one (in the shift's dtype)."""
-        delta = self.sinder_delta[adapter_name]
-        singular_values = self.sinder_s.to(delta.dtype)
-        if self.sinder_shift[adapter_name] == "log":
-            return singular_values * torch.expm1(delta)
+        owner = self.shift_owner
+        delta = owner.sinder_delta[adapter_name]
+        if owner.sinder_shift[adapter_name] == "log":
+            return owner.sinder_s.to(delta.dtype) * torch.expm1(delta)
         return delta
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """Return `U diag(S' - S) V^T` of one adapter in the base weight's dtype: what merging adds to the weight."""
+        """Return `U diag(S' - S) V^T` of one adapter (this layer's rows of `U`) in the base weight's dtype: what
+        merging adds to the weight."""
         return self._float64_delta_weight(adapter_name).to(self.get_base_layer().weight.dtype)
 
     def _float64_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Return `U diag(S' - S) V^T` of one adapter in float64."""
         change = self.singular_value_change(adapter_name).detach().to(torch.float64)
         left = self.sinder_u.to(torch.float64)
-        right_transposed = self.sinder_vh.to(torch.float64)
+        right_transposed = self.shift_owner.sinder_vh.to(torch.float64)
         return (left * change) @ right_transposed
 
     def _shifted_base_weight(self, adapter_name: str, sign: float) -> torch.Tensor:
@@ -209,21 +241,15 @@ class SinderLayer(BaseTunerLayer):
     def _shifted_singular_values(self) -> torch.Tensor:
         """Return `S` plus the change of every adapter that acts on the output: merged ones (already in the base
         weight, which the factored form replaces) and active ones."""
-        singular_values = self.sinder_s
+        singular_values = self.shift_owner.sinder_s
         for adapter_name in dict.fromkeys([*self.merged_adapters, *self.active_adapters]):
-            if adapter_name in self.sinder_delta:
+            if self.has_shift(adapter_name):
                 singular_values = singular_values + self.singular_value_change(adapter_name).to(singular_values.dtype)
         return singular_values
 
-
-class Linear(nn.Module, SinderLayer):
-    """A SINDER-adapted `nn.Linear`, computing `((x V) * (S + delta)) U^T + b` (see the module docstring)."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SinderConfig, **kwargs: Any) -> None:
-        super().__init__()
-        SinderLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+    def _has_unmerged_active_adapter(self) -> bool:
+        """Whether some active adapter is not merged, i.e. the base weight alone is not what this layer applies."""
+        return any(self.has_shift(name) and name not in self.merged_adapters for name in self.active_adapters)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add `U diag(delta) V^T` of the given (default: active) adapters to the base weight (in float64, rounded
@@ -236,7 +262,7 @@ class Linear(nn.Module, SinderLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base_layer = self.get_base_layer()
         for adapter_name in adapter_names:
-            if adapter_name not in self.sinder_delta:
+            if not self.has_shift(adapter_name):
                 continue
             merged_weight = self._shifted_base_weight(adapter_name, 1.0)
             if safe_merge and not torch.isfinite(merged_weight).all():
@@ -254,7 +280,7 @@ class Linear(nn.Module, SinderLayer):
         base_layer = self.get_base_layer()
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
-            if adapter_name in self.sinder_delta:
+            if self.has_shift(adapter_name):
                 base_layer.weight.data = self._shifted_base_weight(adapter_name, -1.0)
 
     def effective_weight(self) -> torch.Tensor:
@@ -266,14 +292,12 @@ class Linear(nn.Module, SinderLayer):
         base_weight = self.get_base_layer().weight
         if self.disable_adapters or not self._has_unmerged_active_adapter():
             return base_weight
-        weight = (self.sinder_u * self._shifted_singular_values()) @ self.sinder_vh
+        weight = (self.sinder_u * self._shifted_singular_values()) @ self.shift_owner.sinder_vh
         return weight.to(base_weight.dtype)
 
-    def _has_unmerged_active_adapter(self) -> bool:
-        """Whether some active adapter is not merged, i.e. the base weight alone is not what this layer applies."""
-        return any(name in self.sinder_delta and name not in self.merged_adapters for name in self.active_adapters)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Return the layer's output: `((x V) * (S + delta)) U^T + b` while an active adapter is unmerged, the base
+        layer's output otherwise (see the module docstring)."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -281,10 +305,44 @@ class Linear(nn.Module, SinderLayer):
         if not self._has_unmerged_active_adapter():
             return self.base_layer(x, *args, **kwargs)
         base_layer = self.get_base_layer()
-        factors = x.to(self.sinder_vh.dtype)
-        factors = F.linear(factors, self.sinder_vh) * self._shifted_singular_values()
+        right_transposed = self.shift_owner.sinder_vh
+        factors = F.linear(x.to(right_transposed.dtype), right_transposed) * self._shifted_singular_values()
         bias = None if base_layer.bias is None else base_layer.bias.to(self.sinder_u.dtype)
         return F.linear(factors, self.sinder_u, bias).to(x.dtype)
+
+
+class Linear(nn.Module, SinderLayer):
+    """A SINDER-adapted `nn.Linear`, computing `((x V) * (S + delta)) U^T + b` (see the module docstring).
+
+    Args:
+        base_layer: the `nn.Linear` to adapt.
+        adapter_name: the adapter to add.
+        config: its configuration.
+        factors: the factors `(U, S, V^T)` this layer applies, when they are not the SVD of its own weight (the gate
+            projection of a fused gated MLP applies its rows of the stacked weight's SVD); None computes that SVD.
+        decomposed_shape: the shape of the matrix `factors` decompose, for the fingerprint's tolerance; None for the
+            shape of `U diag(S) V^T` itself.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: SinderConfig,
+        factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        decomposed_shape: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        SinderLayer.__init__(self, base_layer, **kwargs)
+        self._register_singular_factors(*(factors if factors is not None else thin_svd(self.get_base_layer().weight)))
+        if decomposed_shape is not None:
+            self.decomposed_shape = decomposed_shape
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._adapted_forward(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "sinder." + super().__repr__()
@@ -327,7 +385,7 @@ def _check_fingerprints_on_load(
         unit = max(current_unit, float(saved[compared])) if saved.numel() > compared else current_unit
         values = module.sinder_s.detach().to(device="cpu", dtype=torch.float64)
         expected = spectrum_fingerprint(values, weight.dtype).to(torch.float64)[:compared]
-        tolerances = fingerprint_tolerances(values, tuple(weight.shape), unit)
+        tolerances = fingerprint_tolerances(values, module.decomposed_shape, unit)
         differences = (saved[:compared] - expected).abs()
         if bool((differences <= tolerances).all()):
             continue
@@ -348,7 +406,7 @@ def _check_fingerprints_on_load(
 def effective_linear_weight(module: nn.Module) -> torch.Tensor:
     """Return the weight a linear module currently applies: `weight` of an `nn.Linear`, or, for a SINDER layer,
     `U diag(S + delta) V^T` with the active shifts (the base weight when adapters are disabled or merged)."""
-    if isinstance(module, Linear):
+    if isinstance(module, SinderLayer):
         return module.effective_weight()
     if isinstance(module, nn.Linear):
         return module.weight

@@ -12,6 +12,8 @@ from torch import nn
 
 from .architectures import block_list_path, describe_model, find_backbone
 from .config import SinderConfig
+from .descriptions import MlpDescription
+from .fused_layer import FusedGateLinear, FusedUpLinear, fused_gate_up_layers
 from .layer import Linear, SinderLayer
 from .registration import SINDER_PREFIX
 
@@ -152,9 +154,27 @@ class SinderModel(BaseTuner):
         parent: nn.Module,
         current_key: str,
     ) -> None:
-        """Wrap `target` in a SINDER layer, or add the adapter to it if it is one already."""
+        """Wrap `target` in a SINDER layer, or add the adapter to it if it is one already.
+
+        With `fuse_gated_mlp`, the gate or up projection of a block's gated MLP is wrapped together with its sibling
+        (`_create_fused_pair`); the sibling's own turn then finds it wrapped.
+
+        Raises:
+            ValueError: for a target inside `torch.nn.MultiheadAttention`, and for an adapter whose `fuse_gated_mlp`
+                differs from that of the adapters the layer already has.
+            TypeError: for a target that is no `nn.Linear`.
+        """
+        fused_mlp = self._fused_mlp(peft_config, current_key, target_name)
         if isinstance(target, SinderLayer):
-            target.update_layer(adapter_name, peft_config)
+            fused_layer = isinstance(target, (FusedGateLinear, FusedUpLinear))
+            if fused_layer != (fused_mlp is not None):
+                raise ValueError(
+                    f"Cannot add adapter '{adapter_name}' to '{current_key}': its fuse_gated_mlp="
+                    f"{peft_config.fuse_gated_mlp} differs from that of the adapters already there. Adapters of one "
+                    "model must all fuse gated MLPs or all split them."
+                )
+            if not (fused_layer and target.has_shift(adapter_name)):
+                target.update_layer(adapter_name, peft_config)
             return
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if isinstance(parent, nn.MultiheadAttention):
@@ -168,17 +188,62 @@ class SinderModel(BaseTuner):
                 f"SINDER adapts `torch.nn.Linear` layers only, but target '{current_key}' is a "
                 f"{type(base_layer).__name__}. Linear modules found: {self._linear_leaf_names()}."
             )
+        if fused_mlp is not None:
+            self._create_fused_pair(peft_config, adapter_name, parent, current_key.rsplit(".", 1)[0], fused_mlp)
+            return
         new_module = Linear(target, adapter_name, peft_config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _fused_mlp(self, peft_config: SinderConfig, key: str, target_name: str) -> MlpDescription | None:
+        """Return the description of the gated MLP whose gate or up projection module `key` is, when the config fuses
+        gated MLPs (`fuse_gated_mlp`) and `key` lies in a block of the model's backbone; None otherwise."""
+        if not peft_config.fuse_gated_mlp or not self._has_backbone():
+            return None
+        description = describe_model(self.model)
+        mlp = description.block.mlp
+        if mlp.kind != "gated" or target_name not in mlp.input_projections:
+            return None
+        mlp_path = rf"{re.escape(block_list_path(self.model))}\.\d+\.{re.escape(description.block.mlp_prefix)}"
+        return mlp if re.fullmatch(rf"{mlp_path}\.{re.escape(target_name)}", key) else None
+
+    def _create_fused_pair(
+        self, peft_config: SinderConfig, adapter_name: str, mlp: nn.Module, mlp_key: str, description: MlpDescription
+    ) -> None:
+        """Wrap the gate and up projections of the gated MLP `mlp` (at path `mlp_key`) as one fused target
+        (`fused_layer.fused_gate_up_layers`).
+
+        Raises:
+            ValueError: when only one of the two projections is a target of the config, or one is already adapted
+                without fusion.
+        """
+        names = description.input_projections
+        missing = [name for name in names if not self._check_target_module_exists(peft_config, f"{mlp_key}.{name}")]
+        if missing:
+            raise ValueError(
+                f"fuse_gated_mlp adapts {names[0]} and {names[1]} of '{mlp_key}' as one target, but {missing} is not "
+                "among the targets. Target both projections, or set fuse_gated_mlp=False."
+            )
+        modules = [getattr(mlp, name) for name in names]
+        if any(isinstance(module, BaseTunerLayer) for module in modules):
+            raise ValueError(
+                f"Cannot fuse {names[0]} and {names[1]} of '{mlp_key}': one of them already carries an adapter of its "
+                "own. Adapters of one model must all fuse gated MLPs or all split them."
+            )
+        gate, up = fused_gate_up_layers(*modules, adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            gate.requires_grad_(False)
+        for name, module, new_module in zip(names, modules, (gate, up), strict=True):
+            self._replace_module(mlp, name, new_module, module)
 
     def add_layers(self, layers: Sequence[int], adapter_name: str = "default") -> list[int]:
         """Extend adapter `adapter_name` to more blocks, keeping the shifts it already has.
 
         The targeted linear layers of the blocks in `layers` that the adapter does not cover yet are wrapped with a
         zero shift (trainable when the adapter is active), and the config's `layers_to_transform` becomes the union,
-        so that `save_pretrained` and a reload see every adapted block. An adapter that covers every block
+        so that `save_pretrained` and a reload see every adapted block. With `fuse_gated_mlp` a gated MLP's gate and
+        up projections are wrapped together, as one fused target. An adapter that covers every block
         (`layers_to_transform=None`) is left as it is.
 
         Returns the blocks newly adapted, sorted (empty when there was nothing to add).
@@ -204,9 +269,10 @@ class SinderModel(BaseTuner):
             if not self._check_target_module_exists(config, key):
                 continue
             parent, target, target_name = _get_submodules(self.model, key)
-            if isinstance(target, SinderLayer) or isinstance(parent, SinderLayer):
+            if isinstance(parent, SinderLayer):
                 continue
-            self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
+            if not isinstance(target, SinderLayer):  # else: wrapped in this loop, with its fused sibling
+                self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
             self.targeted_module_names.append(key)
         return new_layers
 

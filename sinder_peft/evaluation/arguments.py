@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..analysis.detection import DIRECTION_SOURCE_HELP, DirectionSource
 from .depth_data import DepthCrop
-from .depth_probe import DINOV2_DEPTH_BINS, BinSpacing
+from .depth_probe import DINOV2_DEPTH_BINS, BinSpacing, DepthHead
 from .probes import DINOV2_KNN_KS, DINOV2_KNN_TEMPERATURE
 
 DIRECTION_SAMPLE_IMAGES = 16
@@ -123,9 +123,16 @@ class EvaluationArguments:
     depth_max: float = field(
         default=10.0, metadata={"help": "depth probe: largest depth (m; 10 for NYUd, 80 for KITTI)"}
     )
-    depth_bins: int = field(default=DINOV2_DEPTH_BINS, metadata={"help": "depth probe: number of depth bins"})
+    depth_head: DepthHead = field(
+        default="linear",
+        metadata={
+            "help": "depth probe: linear (depth an affine function of the features), log (log depth one) or bins "
+            "(DINOv2's classification over --depth-bins bins)"
+        },
+    )
+    depth_bins: int = field(default=DINOV2_DEPTH_BINS, metadata={"help": "depth probe, bins head: number of bins"})
     depth_bin_spacing: BinSpacing = field(
-        default="uniform", metadata={"help": "depth probe: bins uniform in depth (DINOv2) or in log depth"}
+        default="uniform", metadata={"help": "depth probe, bins head: uniform in depth (DINOv2) or in log depth"}
     )
     depth_crop: DepthCrop = field(
         default="auto",

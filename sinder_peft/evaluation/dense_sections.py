@@ -102,12 +102,16 @@ def depth_section(
     train, val = splits["train"], splits["val"]
     train_valid, val_valid = train["valid"], val["valid"]
     log_depth, counts = patch_log_depth_targets(train_maps[train_valid], patch_size)
-    centres = depth_bin_centres(args.depth_min, args.depth_max, args.depth_bins, args.depth_bin_spacing)
+    centres = None
+    if args.depth_head == "bins":
+        centres = depth_bin_centres(args.depth_min, args.depth_max, args.depth_bins, args.depth_bin_spacing)
     probe = train_linear_depth_probe(
         train["patches"][train_valid],
         train["cls"][train_valid],
         log_depth,
         counts,
+        head=args.depth_head,
+        depth_range=(args.depth_min, args.depth_max),
         centres=centres,
         epochs=args.depth_epochs,
         lr=args.depth_lr,
@@ -130,8 +134,8 @@ def depth_section(
         "num_val": int(val_valid.sum()),
         "valid_pixels": int(sums.pixels),
         "resolution": args.depth_resolution,
-        "bins": args.depth_bins,
-        "bin_spacing": args.depth_bin_spacing,
+        "head": args.depth_head,
+        **({"bins": args.depth_bins, "bin_spacing": args.depth_bin_spacing} if centres is not None else {}),
         "depth_range": [args.depth_min, args.depth_max],
         "final_training_loss": probe.losses[-1],
     }

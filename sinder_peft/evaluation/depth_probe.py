@@ -35,6 +35,8 @@ SCALE_INVARIANT_LAMBDA = 0.15
 """Weight of the squared mean log error in DINOv2's scale-invariant log loss (`SigLoss`)."""
 DELTA_THRESHOLD = 1.25
 BinSpacing = Literal["uniform", "log"]
+DepthHead = Literal["linear", "log", "bins"]
+"""`linear`: one output, the depth; `log`: one output, the log depth; `bins`: DINOv2's classification over bins."""
 _EVALUATION_ELEMENTS = 2**23
 """Upper bound on bin logits × upsampled cells held at once while scoring."""
 
@@ -66,6 +68,20 @@ def bins_to_depth(logits: torch.Tensor, centres: torch.Tensor, dim: int = -1) ->
     shape = [1] * logits.ndim
     shape[dim] = -1
     return (weights * centres.view(shape)).sum(dim=dim) / weights.sum(dim=dim)
+
+
+def outputs_to_log_depth(
+    outputs: torch.Tensor, head: DepthHead, centres: torch.Tensor | None, min_depth: float, dim: int = -1
+) -> torch.Tensor:
+    """Return the log depth the probe's outputs stand for, along `dim` (removed): the log of the output, floored at
+    `min_depth`, for the `linear` head; the output itself for `log`; the log of `bins_to_depth` for `bins`."""
+    if head == "linear":
+        return torch.log(outputs.squeeze(dim).clamp_min(min_depth))
+    if head == "log":
+        return outputs.squeeze(dim)
+    if centres is None:
+        raise ValueError("The bins head needs its bin centres.")
+    return torch.log(bins_to_depth(outputs, centres, dim))
 
 
 def patch_log_depth_targets(depth: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,15 +123,18 @@ def scale_invariant_log_loss(
 
 @dataclass(frozen=True)
 class LinearDepthProbe:
-    """A trained linear depth classifier of patch tokens concatenated with their image's CLS token.
+    """A trained linear depth probe of patch tokens concatenated with their image's CLS token.
 
     Attributes:
-        patch_weight: [K, C] weights of the standardised patch token.
+        patch_weight: [K, C] weights of the standardised patch token (K = 1 for the `linear` and `log` heads, the
+            number of bins for `bins`).
         cls_weight: [K, C'] weights of the standardised CLS token.
-        bias: [K] bin biases.
+        bias: [K] biases.
         patch_mean, patch_std: [C] per-channel statistics of the training patch tokens.
         cls_mean, cls_std: [C'] per-channel statistics of the training CLS tokens.
-        centres: [K] depth of every bin (metres).
+        head: what the outputs stand for (`DepthHead`).
+        depth_range: [2] the smallest and largest depth (metres); predictions are clamped to it.
+        centres: [K] depth of every bin (metres) for the `bins` head, None for the others.
         losses: mean training loss of every epoch.
     """
 
@@ -126,7 +145,9 @@ class LinearDepthProbe:
     patch_std: torch.Tensor
     cls_mean: torch.Tensor
     cls_std: torch.Tensor
-    centres: torch.Tensor
+    head: DepthHead
+    depth_range: torch.Tensor
+    centres: torch.Tensor | None
     losses: tuple[float, ...]
 
     def to(self, device: torch.device | str) -> LinearDepthProbe:
@@ -139,12 +160,19 @@ class LinearDepthProbe:
             self.patch_std,
             self.cls_mean,
             self.cls_std,
-            self.centres,
         )
-        return LinearDepthProbe(*(tensor.to(device) for tensor in tensors), self.losses)
+        centres = self.centres.to(device) if self.centres is not None else None
+        moved = (tensor.to(device) for tensor in tensors)
+        return LinearDepthProbe(*moved, self.head, self.depth_range.to(device), centres, self.losses)
+
+    @property
+    def outputs(self) -> int:
+        """Outputs per patch: 1 for the `linear` and `log` heads, the number of bins for `bins`."""
+        return self.bias.shape[0]
 
     def logits(self, patches: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-        """Return the bin logits [B, K, h, w] of patch features [B, h, w, C] and CLS features [B, C']."""
+        """Return the outputs [B, K, h, w] (log depth or bin logits) of patch features [B, h, w, C] and CLS
+        features [B, C']."""
         device = self.bias.device
         standardised = (patches.to(device).float() - self.patch_mean) / self.patch_std
         image_term = ((cls.to(device).float() - self.cls_mean) / self.cls_std) @ self.cls_weight.T + self.bias
@@ -152,13 +180,14 @@ class LinearDepthProbe:
         return logits.permute(0, 3, 1, 2)
 
     def predict(self, patches: torch.Tensor, cls: torch.Tensor, map_size: tuple[int, int]) -> torch.Tensor:
-        """Return depth maps [B, H, W] (metres) for `map_size` (H, W): the logits upsampled bilinearly by 4, turned
-        into depth, then upsampled bilinearly to the map."""
+        """Return depth maps [B, H, W] (metres, within `depth_range`) for `map_size` (H, W): the outputs upsampled
+        bilinearly by 4, turned into log depth, upsampled bilinearly to the map, exponentiated and clamped."""
         logits = self.logits(patches, cls)
         size = (logits.shape[-2] * DINOV2_DEPTH_UPSAMPLE, logits.shape[-1] * DINOV2_DEPTH_UPSAMPLE)
         fine = nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        depth = bins_to_depth(fine, self.centres, dim=1)
-        return nn.functional.interpolate(depth[:, None], size=map_size, mode="bilinear", align_corners=False)[:, 0]
+        log_depth = outputs_to_log_depth(fine, self.head, self.centres, float(self.depth_range[0]), dim=1)
+        full = nn.functional.interpolate(log_depth[:, None], size=map_size, mode="bilinear", align_corners=False)
+        return torch.exp(full[:, 0]).clamp(float(self.depth_range[0]), float(self.depth_range[1]))
 
 
 def _statistics(values: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +212,9 @@ def train_linear_depth_probe(
     log_depth: torch.Tensor,
     counts: torch.Tensor,
     *,
-    centres: torch.Tensor,
+    head: DepthHead,
+    depth_range: tuple[float, float],
+    centres: torch.Tensor | None,
     epochs: int,
     lr: float,
     weight_decay: float,
@@ -192,19 +223,22 @@ def train_linear_depth_probe(
     device: torch.device | str = "cpu",
     show_progress: bool = True,
 ) -> LinearDepthProbe:
-    """Train the linear depth classifier on the mean log depth of every patch (`patch_log_depth_targets`).
+    """Train the linear depth probe on the mean log depth of every patch (`patch_log_depth_targets`).
 
     The loss is `scale_invariant_log_loss` of each batch's patches. AdamW (weight decay on the weights, not the
     biases), learning rate annealed to 0 by a cosine over all steps, images shuffled every epoch by a generator
-    seeded with `seed`. The weights start at zero and the biases at one, so every bin starts active (a ReLU at 0
-    would pass no gradient) and the first prediction is the mean bin centre; the result depends on nothing but the
-    inputs and these settings.
+    seeded with `seed`. The weights start at zero; the `linear` and `log` heads' bias at the training pixels' mean
+    depth or mean log depth (their first prediction), the `bins` head's biases at one, so every bin starts active (a
+    ReLU at 0 would pass no gradient) and the first prediction is the mean bin centre. The result depends on nothing
+    but the inputs and these settings.
 
     Args:
         patches: [N, h, w, C] frozen patch features (float16 or float32).
         cls: [N, C'] the images' CLS features.
         log_depth, counts: [N, h, w] targets and valid pixels per patch (`patch_log_depth_targets`).
-        centres: [K] bin depths (`depth_bin_centres`).
+        head: what the outputs stand for (`DepthHead`).
+        depth_range: the smallest and largest depth (metres), to which predictions are clamped.
+        centres: [K] bin depths (`depth_bin_centres`) for the `bins` head; None for the others.
         epochs, lr, weight_decay, batch_size, seed: the recipe (images per step for `batch_size`).
         device: where to train; the features stay where they are and each batch is moved there.
         show_progress: draw a progress bar over the epochs.
@@ -226,13 +260,17 @@ def train_linear_depth_probe(
         raise ValueError("No valid depth pixel to train the depth probe on.")
     count, channels, cls_channels = patches.shape[0], patches.shape[-1], cls.shape[-1]
     device = torch.device(device)
-    centres = centres.float().to(device)
+    centres = centres.float().to(device) if centres is not None else None
     patch_mean, patch_std = (statistic.to(device) for statistic in _statistics(patches, batch_size))
     cls_mean, cls_std = (statistic.to(device) for statistic in _statistics(cls, batch_size))
-    bins = centres.shape[0]
-    patch_weight = torch.zeros(bins, channels, device=device, requires_grad=True)
-    cls_weight = torch.zeros(bins, cls_channels, device=device, requires_grad=True)
-    bias = torch.ones(bins, device=device, requires_grad=True)
+    if (head == "bins") != (centres is not None):
+        raise ValueError(f"The {head} head takes {'bin centres' if head == 'bins' else 'no bin centres'}.")
+    outputs = centres.shape[0] if centres is not None else 1
+    patch_weight = torch.zeros(outputs, channels, device=device, requires_grad=True)
+    cls_weight = torch.zeros(outputs, cls_channels, device=device, requires_grad=True)
+    mean_log_depth = float((log_depth.double() * counts).sum() / counts.double().sum())
+    initial_bias = {"linear": math.exp(mean_log_depth), "log": mean_log_depth, "bins": 1.0}[head]
+    bias = torch.full((outputs,), initial_bias, device=device, requires_grad=True)
     groups = [
         {"params": [patch_weight, cls_weight], "weight_decay": weight_decay},
         {"params": [bias], "weight_decay": 0.0},
@@ -258,8 +296,8 @@ def train_linear_depth_probe(
             scaled_cls = cls_weight / cls_std
             image_bias = (cls[index].to(device=device, dtype=torch.float32) - cls_mean) @ scaled_cls.T + bias
             logits = tokens @ scaled_patch.T + (image_bias - scaled_patch @ patch_mean)[:, None, :]
-            predicted = bins_to_depth(logits, centres)
-            loss = scale_invariant_log_loss(torch.log(predicted), targets, weights)
+            predicted_log = outputs_to_log_depth(logits, head, centres, depth_range[0])
+            loss = scale_invariant_log_loss(predicted_log, targets, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -277,6 +315,8 @@ def train_linear_depth_probe(
         patch_std,
         cls_mean,
         cls_std,
+        head,
+        torch.tensor(depth_range, dtype=torch.float32, device=device),
         centres,
         tuple(losses),
     )
@@ -353,7 +393,7 @@ def evaluate_depth_probe(
         )
     map_size = (depth.shape[1], depth.shape[2])
     cells = patches.shape[1] * patches.shape[2] * DINOV2_DEPTH_UPSAMPLE**2
-    per_chunk = max(1, _EVALUATION_ELEMENTS // (probe.centres.shape[0] * cells))
+    per_chunk = max(1, _EVALUATION_ELEMENTS // (probe.outputs * cells))
     probe = probe.to(device)
     sums = DepthErrorSums()
     kept = []

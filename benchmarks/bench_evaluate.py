@@ -244,12 +244,13 @@ def dense_probes(
 ) -> dict[str, Any]:
     """Time the depth probe (default head, then `bins`) and the unsupervised segmentation on the probes' features.
 
-    Depth maps: 1 m + 0.5 m × the class of every pixel (plus a horizontal ramp), so the features carry the depth.
+    Depth maps: 1 m + 8 m × the class of every pixel / the number of classes, plus a horizontal ramp of up to 1 m
+    (1–10 m, NYUd's range), so the features carry most of the depth.
     """
     count, device = args.probe_images, args.device
     side = masks.shape[-1]
     ramp = torch.linspace(0.0, 1.0, side)[None, None, :]
-    depth = 1.0 + 0.5 * masks.float() + ramp
+    depth = 1.0 + 8.0 * masks.float() / args.probe_classes + ramp
     pixels = count * side * side
     measured: dict[str, Any] = {}
     for head in (recipe.depth_head, "bins"):

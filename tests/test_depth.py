@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, tiny_dinov2
 from PIL import Image
-from test_evaluate import zeroed_model
+from test_evaluate import ForwardCounter, zeroed_model
 
 from sinder_peft.evaluation.arguments import EvaluationArguments
 from sinder_peft.evaluation.depth_data import load_depth_data, prepare_depth, valid_depth
@@ -179,6 +179,21 @@ def test_working_model_beats_a_blind_one(depth_evaluated: dict) -> None:
         assert figure.format == "PNG"
     table = (output_dir / "evaluation.md").read_text()
     assert "depth RMSE (m)" in table and f"{good['rmse']:.3f}" in table
+
+
+def test_second_run_reads_the_cached_features(depth_evaluated: dict, depth_root: Path, tmp_path: Path) -> None:
+    """The depth features and maps come from the cache: the model never runs, the numbers are the same, and another
+    probe setting changes only the probe."""
+    model = depth_evaluated["good"]
+    counter = ForwardCounter(model)
+    cache = str(depth_evaluated["output_dir"] / "cache")
+    data = str(depth_root)
+    args = EvaluationArguments(output_dir=str(tmp_path / "a"), cache_dir=cache, depth_data=data, **FAST_DEPTH)
+    again = evaluate_models([("good", model, ImageNormalization())], args)["models"][0]["depth"]
+    assert counter.calls == 0 and again == depth_evaluated["results"]["models"][0]["depth"]
+    other = EvaluationArguments(**{**vars(args), "output_dir": str(tmp_path / "b"), "depth_epochs": 2})
+    changed = evaluate_models([("good", model, ImageNormalization())], other)["models"][0]["depth"]
+    assert counter.calls == 0 and changed["final_training_loss"] != again["final_training_loss"]
 
 
 def test_depth_figures_equal_an_independent_computation(depth_evaluated: dict, depth_root: Path) -> None:

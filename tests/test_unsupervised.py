@@ -155,3 +155,35 @@ def test_unsupervised_data_needs_only_a_validation_split(seg_root: Path, tmp_pat
             [("tiny", tiny_dinov2(), ImageNormalization())],
             EvaluationArguments(output_dir=str(tmp_path / "o"), unsupervised_data=str(tmp_path / "nomasks"), **FAST),
         )
+
+
+def test_a_hf_dataset_gives_the_numbers_of_the_folder(
+    unsupervised_evaluated: dict, seg_root: Path, tmp_path: Path
+) -> None:
+    """The validation split as a 🤗 dataset in the ADE20k layout (label 0 = other, classes from 1) gives the folder's
+    unsupervised mIoU; `sinder repair --evaluate-unsupervised-data` and `--evaluate-depth-data` reach the
+    evaluation."""
+    import datasets
+
+    from sinder_peft.jobs.repair_arguments import RepairArguments, evaluation_settings
+
+    rows: dict[str, list[str]] = {"image": [], "annotation": []}
+    for path in sorted((seg_root / "val" / "images").iterdir()):
+        shifted = np.array(Image.open(seg_root / "val" / "masks" / f"{path.stem}.png")).astype(np.uint8) + 1
+        Image.fromarray(shifted, mode="L").save(tmp_path / f"{path.stem}.png")
+        rows["image"].append(str(path))
+        rows["annotation"].append(str(tmp_path / f"{path.stem}.png"))
+    features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(
+        tmp_path / "hf"
+    )
+    args = EvaluationArguments(output_dir=str(tmp_path / "out"), unsupervised_data=str(tmp_path / "hf"), **FAST)
+    (entry,) = evaluate_models([("good", unsupervised_evaluated["good"], ImageNormalization())], args)["models"]
+    folder = unsupervised_evaluated["results"]["models"][0]["unsupervised"]
+    assert entry["unsupervised"]["miou"] == pytest.approx(folder["miou"], abs=1e-6)
+
+    repair = RepairArguments(
+        output_dir=str(tmp_path / "run"), evaluate_unsupervised_data="voc", evaluate_depth_data="nyu"
+    )
+    settings = evaluation_settings(repair, tmp_path / "run")
+    assert repair.evaluates and settings.unsupervised_data == "voc" and settings.depth_data == "nyu"

@@ -213,7 +213,9 @@ class EvaluationArguments:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
-        if self.unsupervised_resolution is not None and self.unsupervised_resolution < 1:
-            raise ValueError(f"--unsupervised-resolution must be positive, got {self.unsupervised_resolution}.")
+        for name in ("unsupervised_resolution", "unsupervised_clusters"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}.")
         if not 0 < self.depth_min < self.depth_max:
             raise ValueError(f"Need 0 < --depth-min < --depth-max, got {self.depth_min} and {self.depth_max}.")

@@ -1,17 +1,21 @@
-"""The linear depth probe of `sinder evaluate`, as pure functions on cached features (DINOv2's "lin. 1" protocol).
+"""The linear depth probe of `sinder evaluate`, as pure functions on cached features (after DINOv2's "lin. 1").
 
-The probe follows DINOv2's linear depth evaluation: every last-layer patch token, concatenated with the image's CLS
-token, goes through one linear layer to the logits of `bins` depth bins spread uniformly (or log-spaced) between
-`min_depth` and `max_depth`; the logits are normalised as AdaBins' "linear" strategy does (ReLU, plus 0.1, divided by
-their sum) and the depth is the probability-weighted mean of the bin centres. Features are standardised per channel
-with the training tokens' mean and standard deviation (the BatchNorm in front of DINOv2's head on frozen features).
+Input, as DINOv2's linear depth evaluation: every last-layer patch token concatenated with the image's CLS token,
+standardised per channel with the training tokens' mean and standard deviation (the BatchNorm in front of DINOv2's
+head on frozen features), through one linear map. Its outputs stand for depth in one of three ways (`DepthHead`):
+
+- `linear` (the default): one output, the depth in metres;
+- `log`: one output, the log depth;
+- `bins`: DINOv2's head, the logits of `bins` depth bins spread uniformly (or log-spaced) between `min_depth` and
+  `max_depth`, normalised as AdaBins' "linear" strategy does (ReLU, plus 0.1, divided by their sum); the depth is the
+  probability-weighted mean of the bin centres.
 
 Training minimises DINOv2's scale-invariant log loss, sqrt(Var(g) + 0.15 · Mean(g)²) with g = log(predicted) −
 log(true depth), over patches: each patch is compared with the mean log depth of its valid pixels and weighted by
-their number (one row per patch instead of one per pixel, as the segmentation probe's patch loss). Scoring predicts
-the logits of every patch, upsamples them bilinearly by 4 (DINOv2 upsamples the tokens by 4 before its linear head;
-the head being affine, upsampling its logits is the same), turns them into depth, and upsamples that bilinearly to
-the depth map: RMSE, AbsRel and δ < 1.25 are computed over the map's valid pixels (depth > 0).
+their number (one row per patch instead of one per pixel, as the segmentation probe's patch loss). Scoring upsamples
+the outputs of the patch grid bilinearly by 4 (DINOv2 upsamples the tokens by 4 before its head; the head being
+affine, upsampling its outputs is the same), turns them into log depth, upsamples that bilinearly to the depth map
+and exponentiates it: RMSE, AbsRel and δ < 1.25 are computed over the map's valid pixels (depth > 0).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ BinSpacing = Literal["uniform", "log"]
 DepthHead = Literal["linear", "log", "bins"]
 """`linear`: one output, the depth; `log`: one output, the log depth; `bins`: DINOv2's classification over bins."""
 _EVALUATION_ELEMENTS = 2**23
-"""Upper bound on bin logits × upsampled cells held at once while scoring."""
+"""Upper bound on outputs × upsampled cells, and on depth-map pixels, held at once while scoring."""
 
 
 def depth_bin_centres(min_depth: float, max_depth: float, bins: int, spacing: BinSpacing = "uniform") -> torch.Tensor:
@@ -393,7 +397,7 @@ def evaluate_depth_probe(
         )
     map_size = (depth.shape[1], depth.shape[2])
     cells = patches.shape[1] * patches.shape[2] * DINOV2_DEPTH_UPSAMPLE**2
-    per_chunk = max(1, _EVALUATION_ELEMENTS // (probe.outputs * cells))
+    per_chunk = max(1, _EVALUATION_ELEMENTS // max(probe.outputs * cells, map_size[0] * map_size[1]))
     probe = probe.to(device)
     sums = DepthErrorSums()
     kept = []

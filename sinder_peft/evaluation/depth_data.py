@@ -101,14 +101,6 @@ class DepthFiles(ImageFiles):
         """Return depth map `index` in metres (see `depth_array`)."""
         return depth_array(self.paths[index], self.name(index))
 
-    def size(self, index: int) -> tuple[int, int]:
-        """Return the (width, height) of depth map `index`, reading only its header."""
-        path = self.paths[index]
-        if path.suffix.lower() == ".npy":
-            shape = np.load(path, mmap_mode="r").shape
-            return (int(shape[1]), int(shape[0])) if len(shape) >= 2 else (0, 0)
-        return super().size(index)
-
     def select(self, indices: Sequence[int]) -> DepthFiles:
         """Return the maps at `indices`, in that order."""
         return DepthFiles([self.paths[index] for index in indices])
@@ -120,11 +112,6 @@ class DepthColumn(DatasetColumn):
     def load_depth(self, index: int) -> np.ndarray:
         """Return depth map `index` in metres (see `depth_array`)."""
         return depth_array(self._value(index), self.name(index))
-
-    def size(self, index: int) -> tuple[int, int]:
-        """Return the (width, height) of depth map `index`."""
-        height, width = self.load_depth(index).shape
-        return width, height
 
     def select(self, indices: Sequence[int]) -> DepthColumn:
         """Return the maps at `indices` (positions in this view), in that order."""

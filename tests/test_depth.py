@@ -340,3 +340,58 @@ def test_command_line_writes_the_depth_section(depth_root: Path, tmp_path: Path)
     (entry,) = json.loads((tmp_path / "out" / "evaluation.json").read_text())["models"]
     assert {"rmse", "abs_rel", "delta1"} <= set(entry["depth"]) and 0 <= entry["depth"]["delta1"] <= 1
     assert "depth RMSE (m)" in result.stdout
+
+
+def test_all_four_sections_side_by_side(depth_root: Path, tmp_path: Path) -> None:
+    """kNN, segmentation, depth and unsupervised segmentation of two models in one run: every model has the four
+    sections in evaluation.json, one column each in evaluation.md, one bar panel each in evaluation.png."""
+    from test_evaluate import FAST, write_knn_folder, write_seg_folder
+
+    args = EvaluationArguments(
+        output_dir=str(tmp_path / "out"),
+        knn_data=str(write_knn_folder(tmp_path / "knn")),
+        seg_data=str(write_seg_folder(tmp_path / "seg")),
+        depth_data=str(depth_root),
+        **{**FAST, **FAST_DEPTH},
+    )
+    normalization = ImageNormalization()
+    results = evaluate_models([("good", tiny_dinov2(), normalization), ("blind", zeroed_model(), normalization)], args)
+    for entry in results["models"]:
+        assert {"knn", "segmentation", "depth", "unsupervised"} <= set(entry)
+    good, blind = results["models"]
+    assert good["depth"]["rmse"] < blind["depth"]["rmse"]
+    assert good["unsupervised"]["miou"] > blind["unsupervised"]["miou"]
+    header = (tmp_path / "out" / "evaluation.md").read_text().splitlines()[2]
+    for column in ("kNN top-1", "mIoU (%)", "depth RMSE (m)", "depth AbsRel", "depth δ < 1.25", "unsupervised mIoU"):
+        assert column in header
+    assert set(results["data"]) >= {"knn", "segmentation", "depth", "unsupervised"}
+    with Image.open(tmp_path / "out" / "evaluation.png") as figure:
+        assert figure.width > 4 * 400  # four bar panels, 4 inches at 100 dpi each
+
+
+def test_two_processes_give_the_depth_of_one(depth_root: Path, tmp_path: Path) -> None:
+    """`examples/evaluate.py` in two processes (gloo on the CPU; 24 and 8 images, uneven shares at batch 5) writes
+    the depth and unsupervised figures of one process."""
+    from test_evaluate import FAST, write_seg_folder
+    from test_trainer import launch_two_processes
+
+    from sinder_peft.evaluation.evaluate import run_evaluation
+
+    seg = write_seg_folder(tmp_path / "seg", train=3, val=5)
+    arguments = ["demo", "--depth-data", str(depth_root), "--unsupervised-data", str(seg), "--batch-size", "5"]
+    arguments += ["--num-workers", "0", "--depth-resolution", "112", "--depth-epochs", "30", "--depth-lr", "1e-2"]
+    arguments += ["--depth-batch-size", "4", "--unsupervised-resolution", "112", "--defect-max-images", "0"]
+    launch_two_processes(["examples/evaluate.py", *arguments, "--output-dir", str(tmp_path / "two")])
+    two = json.loads((tmp_path / "two" / "evaluation.json").read_text())["models"][0]
+    args = EvaluationArguments(
+        output_dir=str(tmp_path / "one"),
+        depth_data=str(depth_root),
+        unsupervised_data=str(seg),
+        batch_size=5,
+        unsupervised_resolution=112,
+        **{**FAST, **FAST_DEPTH},
+    )
+    one = run_evaluation(["demo"], args)["models"][0]
+    for name in ("rmse", "abs_rel", "delta1"):
+        assert two["depth"][name] == pytest.approx(one["depth"][name], rel=1e-3, abs=1e-4)
+    assert two["unsupervised"]["miou"] == pytest.approx(one["unsupervised"]["miou"], abs=1e-3)

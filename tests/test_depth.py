@@ -70,16 +70,22 @@ def write_depth_folder(root: Path, train: int = 24, val: int = 8, npy: bool = Fa
 
 
 def reference_metrics(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """RMSE, AbsRel and δ < 1.25 written out pixel by pixel over the valid (> 0) pixels."""
-    squared, relative, within, count = 0.0, 0.0, 0, 0
-    for guess, true in zip(predicted.ravel().tolist(), truth.ravel().tolist(), strict=True):
-        if true <= 0:
-            continue
-        count += 1
-        squared += (guess - true) ** 2
-        relative += abs(guess - true) / true
-        within += max(guess / true, true / guess) < 1.25
-    return {"rmse": math.sqrt(squared / count), "abs_rel": relative / count, "delta1": within / count}
+    """RMSE, AbsRel and δ < 1.25 of every [H, W] image written out pixel by pixel over its valid (> 0) pixels, then
+    averaged over the images that have one."""
+    per_image = []
+    for guesses, trues in zip(predicted, truth, strict=True):
+        squared, relative, within, count = 0.0, 0.0, 0, 0
+        for guess, true in zip(guesses.ravel().tolist(), trues.ravel().tolist(), strict=True):
+            if true <= 0:
+                continue
+            count += 1
+            squared += (guess - true) ** 2
+            relative += abs(guess - true) / true
+            within += max(guess / true, true / guess) < 1.25
+        if count:
+            per_image.append((math.sqrt(squared / count), relative / count, within / count))
+    means = np.mean(per_image, axis=0).tolist()
+    return {"rmse": means[0], "abs_rel": means[1], "delta1": means[2]}
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +157,9 @@ def test_patch_targets_and_bins_match_loops() -> None:
 
 def test_metrics_equal_a_pixel_loop() -> None:
     rng = np.random.default_rng(1)
-    truth = rng.uniform(0.5, 9.0, size=(3, 10, 12))
+    truth = rng.uniform(0.5, 9.0, size=(4, 10, 12))
     truth[rng.random(truth.shape) < 0.25] = 0
+    truth[3] = 0  # an image without a valid pixel is not counted
     predicted = truth * rng.uniform(0.7, 1.4, size=truth.shape) + rng.normal(0, 0.1, size=truth.shape)
     predicted = np.clip(predicted, 0.01, None)
     sums = depth_error_sums(torch.from_numpy(predicted[:2]), torch.from_numpy(truth[:2])) + depth_error_sums(
@@ -163,7 +170,7 @@ def test_metrics_equal_a_pixel_loop() -> None:
     for name in ("rmse", "abs_rel", "delta1"):
         assert metrics[name] == pytest.approx(expected[name], rel=1e-9)
     with pytest.raises(ValueError, match="No valid depth pixel"):
-        depth_metrics(depth_error_sums(torch.ones(2, 2), torch.zeros(2, 2)))
+        depth_metrics(depth_error_sums(torch.ones(1, 2, 2), torch.zeros(1, 2, 2)))
 
 
 def test_working_model_beats_a_blind_one(depth_evaluated: dict) -> None:

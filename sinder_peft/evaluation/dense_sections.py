@@ -63,17 +63,18 @@ def prepare_depth_maps(context: EvaluationContext, patch_size: int) -> tuple[tor
     runs: the first call comes before the first model's features).
 
     Raises:
-        ValueError: a depth map does not fit its image, or the training maps hold no valid pixel.
+        ValueError: a depth map does not fit its image, or the training or validation maps hold no valid pixel.
     """
     data = context.depth
     assert data is not None
     train = _depth_maps(context, data.train, patch_size)
     val = _depth_maps(context, data.val, patch_size)
-    if not bool((train > 0).any()):
-        raise ValueError(
-            f"The training depth maps of {data.source!r} hold no valid pixel in [{context.args.depth_min}, "
-            f"{context.args.depth_max}] m (PNG maps are read as millimetres, .npy maps as metres)."
-        )
+    for name, maps in (("training", train), ("validation", val)):
+        if not bool((maps > 0).any()):
+            raise ValueError(
+                f"The {name} depth maps of {data.source!r} hold no valid pixel in [{context.args.depth_min}, "
+                f"{context.args.depth_max}] m (PNG maps are read as millimetres, .npy maps as metres)."
+            )
     return train, val
 
 

@@ -15,7 +15,8 @@ log(true depth), over patches: each patch is compared with the mean log depth of
 their number (one row per patch instead of one per pixel, as the segmentation probe's patch loss). Scoring upsamples
 the outputs of the patch grid bilinearly by 4 (DINOv2 upsamples the tokens by 4 before its head; the head being
 affine, upsampling its outputs is the same), turns them into log depth, upsamples that bilinearly to the depth map
-and exponentiates it: RMSE, AbsRel and δ < 1.25 are computed over the map's valid pixels (depth > 0).
+and exponentiates it: RMSE, AbsRel and δ < 1.25 are computed over each map's valid pixels (depth > 0), then averaged
+over the images.
 """
 
 from __future__ import annotations
@@ -329,51 +330,60 @@ def train_linear_depth_probe(
 
 @dataclass(frozen=True)
 class DepthErrorSums:
-    """Running sums over valid pixels from which RMSE, AbsRel and δ < 1.25 follow (`depth_metrics`)."""
+    """Running sums of every scored image's RMSE, AbsRel and δ < 1.25 (over its valid pixels), from which their
+    means over the images follow (`depth_metrics`); images without a valid pixel are not counted."""
 
-    pixels: float = 0.0
-    squared_error: float = 0.0
-    relative_error: float = 0.0
-    within_delta: float = 0.0
+    images: int = 0
+    pixels: int = 0
+    rmse: float = 0.0
+    abs_rel: float = 0.0
+    delta1: float = 0.0
 
     def __add__(self, other: DepthErrorSums) -> DepthErrorSums:
         return DepthErrorSums(
+            self.images + other.images,
             self.pixels + other.pixels,
-            self.squared_error + other.squared_error,
-            self.relative_error + other.relative_error,
-            self.within_delta + other.within_delta,
+            self.rmse + other.rmse,
+            self.abs_rel + other.abs_rel,
+            self.delta1 + other.delta1,
         )
 
 
 def depth_error_sums(predicted: torch.Tensor, target: torch.Tensor) -> DepthErrorSums:
-    """Return the error sums of `predicted` against `target` depth (same shape, metres) over the valid target
-    pixels (> 0), in float64."""
+    """Return the error sums of [B, H, W] `predicted` against `target` depth (metres) over each image's valid target
+    pixels (> 0), in float64: per image, RMSE = sqrt(mean((d − d*)²)), AbsRel = mean(|d − d*| / d*) and δ₁ = the share
+    of pixels with max(d / d*, d* / d) < 1.25."""
     valid = target > 0
-    truth = target[valid].double()
-    guess = predicted[valid].double().clamp_min(1e-12)
+    truth = torch.where(valid, target.double(), torch.ones_like(target, dtype=torch.float64))
+    guess = predicted.double().clamp_min(1e-12)
     ratio = torch.maximum(guess / truth, truth / guess)
+    counts = valid.sum(dim=(1, 2))
+    scored = counts > 0
+    count = counts[scored].double()
+
+    def per_image(values: torch.Tensor) -> torch.Tensor:
+        return (values * valid).sum(dim=(1, 2))[scored] / count
+
     return DepthErrorSums(
-        pixels=float(valid.sum()),
-        squared_error=float(((guess - truth) ** 2).sum()),
-        relative_error=float(((guess - truth).abs() / truth).sum()),
-        within_delta=float((ratio < DELTA_THRESHOLD).sum()),
+        images=int(scored.sum()),
+        pixels=int(counts.sum()),
+        rmse=float(per_image((guess - truth) ** 2).sqrt().sum()),
+        abs_rel=float(per_image((guess - truth).abs() / truth).sum()),
+        delta1=float(per_image((ratio < DELTA_THRESHOLD).double()).sum()),
     )
 
 
 def depth_metrics(sums: DepthErrorSums) -> dict[str, float]:
-    """Return `{"rmse": metres, "abs_rel": ratio, "delta1": fraction}` over every pixel the sums hold (as DINOv2:
-    one RMSE over all pixels of the set, not a mean of per-image RMSEs).
+    """Return `{"rmse": metres, "abs_rel": ratio, "delta1": fraction}`: the means over the images of their own
+    metrics, as NYUd's usual evaluation code computes them (per image, then averaged).
 
     Raises:
-        ValueError: if the sums hold no pixel.
+        ValueError: if the sums hold no image with a valid pixel.
     """
-    if sums.pixels == 0:
+    if sums.images == 0:
         raise ValueError("No valid depth pixel to score.")
-    return {
-        "rmse": math.sqrt(sums.squared_error / sums.pixels),
-        "abs_rel": sums.relative_error / sums.pixels,
-        "delta1": sums.within_delta / sums.pixels,
-    }
+    images = sums.images
+    return {"rmse": sums.rmse / images, "abs_rel": sums.abs_rel / images, "delta1": sums.delta1 / images}
 
 
 def evaluate_depth_probe(

@@ -12,7 +12,10 @@ JPEG) are written to a temporary folder. Timed, interleaved round by round on th
 Probes (issue goal: seconds, not minutes, for 1,000 images), on synthetic cached features of the model's width:
 kNN over `--probe-images` training and as many query features (k = 10, 20, 100, 200), and the linear segmentation
 probe with the default recipe of `EvaluationArguments`, trained on `--probe-images` images' patch features
-(`--probe-resolution` px, `--probe-classes` classes) and scored on as many.
+(`--probe-resolution` px, `--probe-classes` classes) and scored on as many. On the same features, the linear depth
+probe (default recipe and head, and the `bins` head), trained and scored on depth maps of the same size (goal: no
+more per pixel than the segmentation probe), and the unsupervised segmentation (k-means and scoring, on the scored
+images).
 
 Usage:
     python benchmarks/bench_evaluate.py --threads 1 --model-size b --output results/evaluate_vitb_cpu.json
@@ -43,6 +46,14 @@ from common import (
 from PIL import Image
 
 from sinder_peft.evaluation.arguments import EvaluationArguments
+from sinder_peft.evaluation.clustering import cluster_class_counts, matched_confusion, spherical_kmeans
+from sinder_peft.evaluation.depth_probe import (
+    depth_bin_centres,
+    depth_metrics,
+    evaluate_depth_probe,
+    patch_log_depth_targets,
+    train_linear_depth_probe,
+)
 from sinder_peft.evaluation.features import extract_features
 from sinder_peft.evaluation.image_sources import ImageFiles, PreparedImages
 from sinder_peft.evaluation.probes import (
@@ -199,7 +210,12 @@ def probes(args: argparse.Namespace, hidden_size: int) -> dict[str, Any]:
     confusion = evaluate_segmentation_probe(probe, patches[count:], masks[count:], device=device)
     synchronize(device)
     score_s = time.perf_counter() - start
+    depth = dense_probes(args, patches, cls, patch_labels, masks, recipe)
+    pixels = count * masks.shape[1] * masks.shape[2]
     return {
+        **depth,
+        "segmentation_train_us_per_pixel": train_s / pixels * 1e6,
+        "segmentation_score_us_per_pixel": score_s / pixels * 1e6,
         "images": count,
         "classes": classes,
         "hidden_size": hidden_size,
@@ -216,6 +232,83 @@ def probes(args: argparse.Namespace, hidden_size: int) -> dict[str, Any]:
             "batch_size": recipe.seg_batch_size,
         },
     }
+
+
+def dense_probes(
+    args: argparse.Namespace,
+    patches: torch.Tensor,
+    cls: torch.Tensor,
+    patch_labels: torch.Tensor,
+    masks: torch.Tensor,
+    recipe: EvaluationArguments,
+) -> dict[str, Any]:
+    """Time the depth probe (default head, then `bins`) and the unsupervised segmentation on the probes' features.
+
+    Depth maps: 1 m + 8 m × the class of every pixel / the number of classes, plus a horizontal ramp of up to 1 m
+    (1–10 m, NYUd's range), so the features carry most of the depth.
+    """
+    count, device = args.probe_images, args.device
+    side = masks.shape[-1]
+    ramp = torch.linspace(0.0, 1.0, side)[None, None, :]
+    depth = 1.0 + 8.0 * masks.float() / args.probe_classes + ramp
+    pixels = count * side * side
+    measured: dict[str, Any] = {}
+    for head in (recipe.depth_head, "bins"):
+        centres = depth_bin_centres(recipe.depth_min, recipe.depth_max, recipe.depth_bins) if head == "bins" else None
+        synchronize(device)
+        start = time.perf_counter()
+        log_depth, counts = patch_log_depth_targets(depth[:count], PATCH_SIZE)
+        probe = train_linear_depth_probe(
+            patches[:count],
+            cls[:count],
+            log_depth,
+            counts,
+            head=head,
+            depth_range=(recipe.depth_min, recipe.depth_max),
+            centres=centres,
+            epochs=recipe.depth_epochs,
+            lr=recipe.depth_lr,
+            weight_decay=recipe.depth_weight_decay,
+            batch_size=recipe.depth_batch_size,
+            seed=recipe.seed,
+            device=device,
+            show_progress=False,
+        )
+        synchronize(device)
+        train_s = time.perf_counter() - start
+        start = time.perf_counter()
+        sums, _ = evaluate_depth_probe(probe, patches[count:], cls[count:], depth[count:], device=device)
+        synchronize(device)
+        score_s = time.perf_counter() - start
+        measured[f"depth_{head}"] = {
+            "train_s": train_s,
+            "score_s": score_s,
+            "train_us_per_pixel": train_s / pixels * 1e6,
+            "score_us_per_pixel": score_s / pixels * 1e6,
+            "rmse": depth_metrics(sums)["rmse"],
+        }
+    classes = torch.unique(masks[count:])
+    synchronize(device)
+    start = time.perf_counter()
+    tokens = patches[count:].reshape(-1, patches.shape[-1])
+    generator = torch.Generator().manual_seed(0)
+    sample = tokens[torch.randperm(tokens.shape[0], generator=generator)[: recipe.unsupervised_max_tokens]]
+    centroids = spherical_kmeans(
+        sample, classes.numel(), restarts=recipe.unsupervised_restarts, seed=recipe.seed, device=device
+    )
+    synchronize(device)
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    counts = cluster_class_counts(patches[count:], centroids, masks[count:], classes, 255, device)
+    confusion = matched_confusion(counts)
+    synchronize(device)
+    measured["unsupervised"] = {
+        "kmeans_s": fit_s,
+        "score_s": time.perf_counter() - start,
+        "tokens_fitted": sample.shape[0],
+        "pixel_accuracy": float(confusion.diagonal().sum() / confusion.sum() * 100),
+    }
+    return measured
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -254,6 +347,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ["linear segmentation probe: score", probe_times["segmentation_score_s"]],
         ]
         print(format_table(["probe", "seconds"], rows) + "\n")
+        per_pixel = (probe_times["segmentation_train_us_per_pixel"], probe_times["segmentation_score_us_per_pixel"])
+        rows = [["segmentation", *per_pixel]]
+        for name, entry in probe_times.items():
+            if name.startswith("depth_"):
+                rows.append([name.replace("_", " "), entry["train_us_per_pixel"], entry["score_us_per_pixel"]])
+        print(format_table(["probe", "train (µs/pixel)", "score (µs/pixel)"], rows) + "\n")
+        unsupervised = probe_times["unsupervised"]
+        print(f"unsupervised: k-means {unsupervised['kmeans_s']:.2f} s, scoring {unsupervised['score_s']:.2f} s\n")
     write_json(args.output, payload)
     print(f"Wrote {args.output}")
     return payload

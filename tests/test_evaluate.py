@@ -393,6 +393,9 @@ def test_benchmark_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert result["extraction"]["plain"]["throughput_vs_plain"] == 1
     assert all(entry["images_per_s"] > 0 for entry in result["extraction"].values())
     assert result["probes"]["segmentation_train_s"] > 0
+    for head in ("depth_linear", "depth_bins"):
+        assert result["probes"][head]["train_us_per_pixel"] > 0 and result["probes"][head]["rmse"] >= 0
+    assert result["probes"]["unsupervised"]["kmeans_s"] > 0
     assert set(result["probes"]["knn_top1_by_k"]) == {10, 20, 100, 200}
 
 

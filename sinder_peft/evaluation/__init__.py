@@ -2,8 +2,13 @@
 
 - `arguments.py`: `EvaluationArguments`;
 - `evaluate.py`: the job (`evaluate`, `evaluate_models`, the command line) and its outputs;
+- `context.py`: what the sections of one evaluation share (data, cache, processes; cached features and masks);
 - `sections.py`: one model's kNN, linear-probe and defect sections;
+- `dense_sections.py`: one model's depth-probe and unsupervised-segmentation sections;
 - `probes.py`: the probes' math (kNN, linear segmentation probe, IoU);
+- `depth_probe.py`: the linear depth probe and the depth metrics;
+- `clustering.py`: k-means on patch tokens and the Hungarian matching of clusters to classes;
 - `features.py`: feature extraction shared between processes, and its cache;
-- `image_sources.py`, `datasets.py`: where the images come from, and the kNN and segmentation data layouts.
+- `image_sources.py`, `datasets.py`, `depth_data.py`: where the images come from, and the kNN, segmentation and
+  depth data layouts.
 """

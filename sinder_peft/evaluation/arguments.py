@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from ..analysis.detection import DIRECTION_SOURCE_HELP, RECIPE_HELP, DefectTest, DirectionSource, Recipe
 from ..models.other_libraries import ModelKwargsArguments
+from .depth_data import DepthCrop
+from .depth_probe import DINOV2_DEPTH_BINS, BinSpacing, DepthHead
 from .probes import DINOV2_KNN_KS, DINOV2_KNN_TEMPERATURE
 
 DIRECTION_SAMPLE_IMAGES = 16
@@ -31,6 +33,20 @@ class EvaluationArguments(ModelKwargsArguments):
         metadata={
             "help": "segmentation data: a folder train|val/images and train|val/masks (PNG class indices, 255 "
             "ignored, same stems), or a 🤗 dataset in the scene_parse_150 (ADE20k) layout"
+        },
+    )
+    depth_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "depth data: a folder train|val/images and train|val/depth (<stem>.png, 16-bit, millimetres, or "
+            "<stem>.npy, metres), or a 🤗 dataset with image and depth columns (e.g. NYU Depth v2)"
+        },
+    )
+    unsupervised_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "unsupervised segmentation data (its validation split, in the --seg-data layouts; a folder needs "
+            "only val/images and val/masks); default: the validation split of --seg-data"
         },
     )
     defect_data: str | None = field(
@@ -97,6 +113,72 @@ class EvaluationArguments(ModelKwargsArguments):
     seg_max_val: int | None = field(
         default=None, metadata={"help": "use at most this many validation images (random, seeded)"}
     )
+    depth_column: str = field(default="depth_map", metadata={"help": "depth column of a 🤗 depth dataset"})
+    depth_resolution: int = field(
+        default=480,
+        metadata={
+            "help": "depth images: short side resized to this, then the centre square (480: NYUd maps are scored "
+            "at their own resolution, unresampled)"
+        },
+    )
+    depth_min: float = field(default=1e-3, metadata={"help": "depth probe: smallest depth (m), bins and valid pixels"})
+    depth_max: float = field(
+        default=10.0, metadata={"help": "depth probe: largest depth (m; 10 for NYUd, 80 for KITTI)"}
+    )
+    depth_head: DepthHead = field(
+        default="linear",
+        metadata={
+            "help": "depth probe: linear (depth an affine function of the features), log (log depth one) or bins "
+            "(DINOv2's classification over --depth-bins bins)"
+        },
+    )
+    depth_bins: int = field(default=DINOV2_DEPTH_BINS, metadata={"help": "depth probe, bins head: number of bins"})
+    depth_bin_spacing: BinSpacing = field(
+        default="uniform", metadata={"help": "depth probe, bins head: uniform in depth (DINOv2) or in log depth"}
+    )
+    depth_crop: DepthCrop = field(
+        default="auto",
+        metadata={"help": "score only the Eigen crop of NYUd maps (auto: for 640x480 maps; eigen; none)"},
+    )
+    depth_epochs: int = field(default=10, metadata={"help": "depth probe: passes over the training images"})
+    depth_lr: float = field(default=1e-2, metadata={"help": "depth probe: AdamW learning rate (cosine to 0)"})
+    depth_weight_decay: float = field(default=1e-4, metadata={"help": "depth probe: AdamW weight decay"})
+    depth_batch_size: int = field(default=16, metadata={"help": "depth probe: images per optimizer step"})
+    depth_max_train: int | None = field(
+        default=None, metadata={"help": "use at most this many depth training images (random, seeded)"}
+    )
+    depth_max_val: int | None = field(
+        default=None, metadata={"help": "use at most this many depth validation images (random, seeded)"}
+    )
+    depth_figure_images: int = field(default=4, metadata={"help": "rows of depth_maps.png (0: no figure)"})
+    unsupervised: bool = field(
+        default=True,
+        metadata={
+            "help": "run the unsupervised segmentation on the validation split of --seg-data (when no "
+            "--unsupervised-data is given)"
+        },
+    )
+    unsupervised_resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "unsupervised segmentation: short side resized to this, then the centre square (default: "
+            "--seg-resolution, so the segmentation probe's validation features are reused)"
+        },
+    )
+    unsupervised_clusters: int | None = field(
+        default=None, metadata={"help": "k-means clusters (default: the number of classes in the masks)"}
+    )
+    unsupervised_max_tokens: int = field(
+        default=100_000, metadata={"help": "k-means is fitted on at most this many patch tokens (random, seeded)"}
+    )
+    unsupervised_restarts: int = field(default=3, metadata={"help": "k-means runs; the best is kept"})
+    unsupervised_reduce_zero_label: bool | None = field(
+        default=None,
+        metadata={"help": "as --seg-reduce-zero-label, for --unsupervised-data"},
+    )
+    unsupervised_max_val: int | None = field(
+        default=None, metadata={"help": "use at most this many images of --unsupervised-data (random, seeded)"}
+    )
     defect_resolution: int = field(
         default=518, metadata={"help": "defect figures: short side resized to this, then the centre square"}
     )
@@ -124,7 +206,25 @@ class EvaluationArguments(ModelKwargsArguments):
         super().__post_init__()
         if self.knn_headline_k not in self.knn_k:
             raise ValueError(f"--knn-headline-k {self.knn_headline_k} must be one of --knn-k {self.knn_k}.")
-        positive = ("batch_size", "knn_resolution", "seg_resolution", "defect_resolution", "seg_epochs")
+        positive = (
+            "batch_size",
+            "knn_resolution",
+            "seg_resolution",
+            "defect_resolution",
+            "seg_epochs",
+            "depth_resolution",
+            "depth_bins",
+            "depth_epochs",
+            "depth_batch_size",
+            "unsupervised_max_tokens",
+            "unsupervised_restarts",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        for name in ("unsupervised_resolution", "unsupervised_clusters"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}.")
+        if not 0 < self.depth_min < self.depth_max:
+            raise ValueError(f"Need 0 < --depth-min < --depth-max, got {self.depth_min} and {self.depth_max}.")

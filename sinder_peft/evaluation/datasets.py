@@ -82,7 +82,7 @@ class SegmentationData:
     reduce_zero_label: bool
 
 
-def _is_hf_dataset(source: str) -> bool:
+def is_hf_dataset(source: str) -> bool:
     """Whether `source` names a 🤗 dataset (a `save_to_disk` directory or a Hub name) rather than a folder layout.
 
     Raises:
@@ -98,7 +98,7 @@ def _is_hf_dataset(source: str) -> bool:
     return True
 
 
-def _subsample(count: int, limit: int | None, seed: int) -> list[int] | None:
+def subsample(count: int, limit: int | None, seed: int) -> list[int] | None:
     """Return sorted random positions keeping `limit` of `count` items (seeded), or None to keep them all."""
     if limit is None or limit >= count:
         return None
@@ -108,7 +108,7 @@ def _subsample(count: int, limit: int | None, seed: int) -> list[int] | None:
     return sorted(torch.randperm(count, generator=generator)[:limit].tolist())
 
 
-def _folder_listing(path: Path) -> str:
+def folder_listing(path: Path) -> str:
     """Return a short description of what `path` holds, for layout errors."""
     if not path.is_dir():
         return f"{str(path)!r} does not exist"
@@ -138,8 +138,7 @@ def _classification_folder(root: Path, max_train: int | None, max_val: int | Non
     for split in (TRAIN_FOLDER, VAL_FOLDER):
         if not (root / split).is_dir():
             raise ValueError(
-                f"The kNN data folder {str(root)!r} has no {split}/ folder: expected {layout}; "
-                f"{_folder_listing(root)}."
+                f"The kNN data folder {str(root)!r} has no {split}/ folder: expected {layout}; {folder_listing(root)}."
             )
     train_classes = _class_folders(root / TRAIN_FOLDER, layout)
     val_classes = _class_folders(root / VAL_FOLDER, layout)
@@ -152,7 +151,7 @@ def _classification_folder(root: Path, max_train: int | None, max_val: int | Non
     def split(classes: dict[str, list[Path]], limit: int | None) -> ClassificationSplit:
         paths = [path for files in classes.values() for path in files]
         labels = [index[name] for name, files in classes.items() for _ in files]
-        keep = _subsample(len(paths), limit, seed)
+        keep = subsample(len(paths), limit, seed)
         if keep is not None:
             paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
         return ClassificationSplit(ImageFiles(paths), torch.tensor(labels, dtype=torch.long))
@@ -160,7 +159,7 @@ def _classification_folder(root: Path, max_train: int | None, max_val: int | Non
     return ClassificationData(str(root), split(train_classes, max_train), split(val_classes, max_val), names)
 
 
-def _dataset_split(
+def dataset_split(
     source: str, split: str, image_column: str, other_column: str, max_count: int | None, seed: int
 ) -> tuple[Any, list[int] | None]:
     """Load one split of a 🤗 dataset with undecoded image columns; return it and the kept rows (None: all)."""
@@ -177,7 +176,7 @@ def _dataset_split(
         dataset = dataset.cast_column(other_column, datasets.Image(decode=False))
     if len(dataset) == 0:
         raise ValueError(f"The split {split!r} of the dataset {source!r} is empty.")
-    return dataset, _subsample(len(dataset), max_count, seed)
+    return dataset, subsample(len(dataset), max_count, seed)
 
 
 def _classification_dataset(
@@ -194,7 +193,7 @@ def _classification_dataset(
     """Read a 🤗 dataset with image and label columns (see the module docstring)."""
 
     def split(name: str, limit: int | None) -> tuple[ClassificationSplit, Any]:
-        dataset, rows = _dataset_split(source, name, image_column, label_column, limit, seed)
+        dataset, rows = dataset_split(source, name, image_column, label_column, limit, seed)
         labels = torch.tensor(dataset[label_column], dtype=torch.long)
         if rows is not None:
             labels = labels[rows]
@@ -233,7 +232,7 @@ def load_classification_data(
         ValueError: the folder is not in the layout (the message says what was found), a column is missing, a
             validation class has no training images, or the training images hold fewer than two classes.
     """
-    if _is_hf_dataset(source):
+    if is_hf_dataset(source):
         data = _classification_dataset(
             source,
             train_split=train_split,
@@ -262,33 +261,37 @@ def load_classification_data(
     return data
 
 
+def _segmentation_folder_split(root: Path, split: str, limit: int | None, seed: int) -> SegmentationSplit:
+    """Read one split of the `train|val/images|masks` layout (see the module docstring)."""
+    layout = "train/images, train/masks, val/images and val/masks (masks: <image stem>.png)"
+    for folder in (IMAGES_FOLDER, MASKS_FOLDER):
+        if not (root / split / folder).is_dir():
+            where = root / split if (root / split).is_dir() else root
+            raise ValueError(
+                f"The segmentation data folder {str(root)!r} has no {split}/{folder}/ folder: expected {layout}; "
+                f"{folder_listing(where)}."
+            )
+    images = find_image_files(root / split / IMAGES_FOLDER)
+    if not images:
+        raise ValueError(f"{str(root / split / IMAGES_FOLDER)!r} holds no image; expected {layout}.")
+    masks = {path.stem: path for path in (root / split / MASKS_FOLDER).rglob(f"*{MASK_EXTENSION}")}
+    missing = [image.name for image in images if image.stem not in masks]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} images of {str(root / split / IMAGES_FOLDER)!r} have no mask "
+            f"{MASKS_FOLDER}/<stem>{MASK_EXTENSION} (e.g. {missing[0]})."
+        )
+    keep = subsample(len(images), limit, seed)
+    if keep is not None:
+        images = [images[i] for i in keep]
+    return SegmentationSplit(ImageFiles(images), ImageFiles([masks[image.stem] for image in images]))
+
+
 def _segmentation_folder(root: Path, max_train: int | None, max_val: int | None, seed: int) -> SegmentationData:
     """Read the `train|val/images|masks` layout (see the module docstring)."""
-    layout = "train/images, train/masks, val/images and val/masks (masks: <image stem>.png)"
-    splits = []
-    for split, limit in ((TRAIN_FOLDER, max_train), (VAL_FOLDER, max_val)):
-        for folder in (IMAGES_FOLDER, MASKS_FOLDER):
-            if not (root / split / folder).is_dir():
-                where = root / split if (root / split).is_dir() else root
-                raise ValueError(
-                    f"The segmentation data folder {str(root)!r} has no {split}/{folder}/ folder: expected {layout}; "
-                    f"{_folder_listing(where)}."
-                )
-        images = find_image_files(root / split / IMAGES_FOLDER)
-        if not images:
-            raise ValueError(f"{str(root / split / IMAGES_FOLDER)!r} holds no image; expected {layout}.")
-        masks = {path.stem: path for path in (root / split / MASKS_FOLDER).rglob(f"*{MASK_EXTENSION}")}
-        missing = [image.name for image in images if image.stem not in masks]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} images of {str(root / split / IMAGES_FOLDER)!r} have no mask "
-                f"{MASKS_FOLDER}/<stem>{MASK_EXTENSION} (e.g. {missing[0]})."
-            )
-        keep = _subsample(len(images), limit, seed)
-        if keep is not None:
-            images = [images[i] for i in keep]
-        splits.append(SegmentationSplit(ImageFiles(images), ImageFiles([masks[image.stem] for image in images])))
-    return SegmentationData(str(root), splits[0], splits[1], reduce_zero_label=False)
+    train = _segmentation_folder_split(root, TRAIN_FOLDER, max_train, seed)
+    val = _segmentation_folder_split(root, VAL_FOLDER, max_val, seed)
+    return SegmentationData(str(root), train, val, reduce_zero_label=False)
 
 
 def load_segmentation_data(
@@ -317,10 +320,10 @@ def load_segmentation_data(
         ValueError: the folder is not in the layout (the message says what was found), an image has no mask, or a
             column is missing. Masks themselves are checked when they are read (`load_masks`).
     """
-    if _is_hf_dataset(source):
+    if is_hf_dataset(source):
         splits = []
         for split, limit in ((train_split, max_train), (val_split, max_val)):
-            dataset, rows = _dataset_split(source, split, image_column, annotation_column, limit, seed)
+            dataset, rows = dataset_split(source, split, image_column, annotation_column, limit, seed)
             splits.append(
                 SegmentationSplit(
                     DatasetColumn(dataset, image_column, source, split, rows),
@@ -341,6 +344,34 @@ def load_segmentation_data(
     return data
 
 
+def load_segmentation_validation(
+    source: str,
+    *,
+    val_split: str = "validation",
+    image_column: str = "image",
+    annotation_column: str = "annotation",
+    reduce_zero_label: bool | None = None,
+    max_val: int | None = None,
+    seed: int = 0,
+) -> tuple[SegmentationSplit, bool]:
+    """Return the validation images and masks of segmentation data (the layouts of `load_segmentation_data`; a
+    folder needs only `val/images` and `val/masks`), and whether label 0 is ignored (`reduce_zero_label`, default as
+    there).
+
+    Raises:
+        FileNotFoundError, ValueError: as `load_segmentation_data`.
+    """
+    if is_hf_dataset(source):
+        dataset, rows = dataset_split(source, val_split, image_column, annotation_column, max_val, seed)
+        split = SegmentationSplit(
+            DatasetColumn(dataset, image_column, source, val_split, rows),
+            DatasetColumn(dataset, annotation_column, source, val_split, rows),
+        )
+        return split, True if reduce_zero_label is None else reduce_zero_label
+    split = _segmentation_folder_split(Path(source).expanduser(), VAL_FOLDER, max_val, seed)
+    return split, bool(reduce_zero_label)
+
+
 def load_images(source: str, *, split: str = "validation", image_column: str = "image") -> ImageSource:
     """Return the unlabelled images `source` names: every image under a folder (recursively, sorted), or the image
     column of one split of a 🤗 dataset (a Hub name or a `save_to_disk` directory).
@@ -349,7 +380,7 @@ def load_images(source: str, *, split: str = "validation", image_column: str = "
         FileNotFoundError: `source` does not exist and is not a dataset name, or the dataset cannot be loaded.
         ValueError: the folder holds no image, or the split is empty.
     """
-    if _is_hf_dataset(source):
+    if is_hf_dataset(source):
         dataset = load_hf_dataset(source, split, image_column, streaming=False)
         if len(dataset) == 0:
             raise ValueError(f"The split {split!r} of the dataset {source!r} is empty.")

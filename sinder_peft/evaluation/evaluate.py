@@ -43,11 +43,12 @@ from ..models.loading import ModelNotAvailableError, load_backbone
 from ..models.other_libraries import parse_model_name
 from ..tuner.architectures import ImageNormalization
 from ..version import __version__
-from ..visualization.figures import save_evaluation_comparison, save_norm_map_comparison
+from ..visualization.figures import save_depth_comparison, save_evaluation_comparison, save_norm_map_comparison
 from .arguments import EvaluationArguments
+from .context import EvaluationContext, ModelResult
 from .features import ProcessState
 from .image_sources import ImageSource
-from .sections import EvaluationContext, ModelResult, evaluate_model, load_context
+from .sections import evaluate_model, load_context
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ RESULTS_NAME = "evaluation.json"
 TABLE_NAME = "evaluation.md"
 COMPARISON_FIGURE_NAME = "evaluation.png"
 NORM_MAPS_FIGURE_NAME = "norm_maps.png"
+DEPTH_FIGURE_NAME = "depth_maps.png"
 
 
 def _format(value: float | None, digits: int = 1) -> str:
@@ -72,6 +74,10 @@ def evaluation_table(results: dict[str, Any]) -> str:
         columns.append(f"kNN top-1, k = {headline_k} (%)")
     if any("segmentation" in entry for entry in entries):
         columns += ["mIoU (%)", "pixel accuracy (%)"]
+    if any("depth" in entry for entry in entries):
+        columns += ["depth RMSE (m)", "depth AbsRel", "depth δ < 1.25"]
+    if any("unsupervised" in entry for entry in entries):
+        columns += ["unsupervised mIoU (%)"]
     if any("defects" in entry for entry in entries):
         columns += [
             "max/median norm",
@@ -88,6 +94,11 @@ def evaluation_table(results: dict[str, Any]) -> str:
         if "mIoU (%)" in columns:
             segmentation = entry.get("segmentation", {})
             row += [_format(segmentation.get("miou")), _format(segmentation.get("pixel_accuracy"))]
+        if "depth RMSE (m)" in columns:
+            depth = entry.get("depth", {})
+            row += [_format(depth.get("rmse"), 3), _format(depth.get("abs_rel"), 3), _format(depth.get("delta1"), 3)]
+        if "unsupervised mIoU (%)" in columns:
+            row.append(_format(entry.get("unsupervised", {}).get("miou")))
         if "max/median norm" in columns:
             defects = entry.get("defects", {})
             row += [
@@ -144,6 +155,10 @@ def _write_outputs(context: EvaluationContext, results: list[ModelResult]) -> di
         scores[f"kNN top-1, k = {args.knn_headline_k} (%)"] = [entry["knn"]["top1"] for entry in entries]
     if context.segmentation is not None:
         scores["mIoU (%)"] = [entry["segmentation"]["miou"] for entry in entries]
+    if context.depth is not None:
+        scores["depth RMSE (m)"] = [entry["depth"]["rmse"] for entry in entries]
+    if context.unsupervised is not None:
+        scores["unsupervised mIoU (%)"] = [entry["unsupervised"]["miou"] for entry in entries]
     layer_ratios = None
     if context.defect_images is not None:
         scores["last-layer max/median norm"] = [entry["defects"]["norm_ratio"] for entry in entries]
@@ -156,11 +171,21 @@ def _write_outputs(context: EvaluationContext, results: list[ModelResult]) -> di
             maps = [[result.norm_maps[row] for result in results] for row in range(rows)]
             save_norm_map_comparison(pictures[:rows], maps, names, output_dir / NORM_MAPS_FIGURE_NAME)
             figures.append(NORM_MAPS_FIGURE_NAME)
+    if context.depth is not None and results[0].depth_truth:
+        pictures = _shown_images(context.depth.val.images, args.depth_resolution, results[0].patch_size)
+        rows = min(len(pictures), *(len(result.depth_maps) for result in results))
+        if rows and len({tuple(result.depth_maps[0].shape) for result in results}) == 1:
+            maps = [[result.depth_maps[row] for result in results] for row in range(rows)]
+            truth = results[0].depth_truth[:rows]
+            save_depth_comparison(pictures[:rows], truth, maps, names, output_dir / DEPTH_FIGURE_NAME)
+            figures.append(DEPTH_FIGURE_NAME)
     payload = {
         "models": entries,
         "data": {
             "knn": context.knn.source if context.knn is not None else None,
             "segmentation": context.segmentation.source if context.segmentation is not None else None,
+            "depth": context.depth.source if context.depth is not None else None,
+            "unsupervised": context.unsupervised.source if context.unsupervised is not None else None,
             "defects": context.defect_source,
         },
         "settings": asdict(args),
@@ -259,6 +284,8 @@ def evaluate(
     output_dir: str | Path,
     knn_data: str | None = None,
     seg_data: str | None = None,
+    depth_data: str | None = None,
+    unsupervised_data: str | None = None,
     defect_data: str | None = None,
     state: ProcessState | None = None,
     **settings: Any,
@@ -268,8 +295,9 @@ def evaluate(
     Args:
         models: the models, in the order of the outputs (usually the original, then its repair).
         output_dir: where evaluation.json, evaluation.md, the figures and the feature cache go.
-        knn_data, seg_data, defect_data: the data sets (see `EvaluationArguments`); a section is left out when its
-            data is not given.
+        knn_data, seg_data, depth_data, unsupervised_data, defect_data: the data sets (see `EvaluationArguments`);
+            a section is left out when its data is not given (the unsupervised segmentation runs on `seg_data`'s
+            validation split when `unsupervised_data` is not given).
         state: the Accelerate state of a multi-process run (default: Accelerate's own).
         settings: any other field of `EvaluationArguments`, e.g. `seg_epochs=20` or `knn_max_train=10000`.
 
@@ -277,7 +305,13 @@ def evaluate(
         The content of evaluation.json (main process; an empty dict on the others).
     """
     args = EvaluationArguments(
-        output_dir=str(output_dir), knn_data=knn_data, seg_data=seg_data, defect_data=defect_data, **settings
+        output_dir=str(output_dir),
+        knn_data=knn_data,
+        seg_data=seg_data,
+        depth_data=depth_data,
+        unsupervised_data=unsupervised_data,
+        defect_data=defect_data,
+        **settings,
     )
     return run_evaluation(models, args, state)
 
@@ -312,11 +346,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "evaluate",
         parents=[build_argument_parser(add_help=False)],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="kNN, linear segmentation probe and defect figures for one or more models, side by side",
+        help="kNN, linear segmentation and depth probes, unsupervised segmentation and defect figures for one or "
+        "more models, side by side",
         description=(
-            "Evaluate models with a kNN classifier (--knn-data), a linear segmentation probe (--seg-data) and "
-            "their defect figures (--defect-data, default: validation images). Writes evaluation.json, "
-            "evaluation.md, evaluation.png and norm_maps.png to --output-dir."
+            "Evaluate models with a kNN classifier (--knn-data), a linear segmentation probe (--seg-data), a "
+            "linear depth probe (--depth-data), unsupervised segmentation (--unsupervised-data, default: the "
+            "validation split of --seg-data) and their defect figures (--defect-data, default: validation images). "
+            "Writes evaluation.json, evaluation.md, evaluation.png, norm_maps.png and depth_maps.png to --output-dir."
         ),
     )
     parser.set_defaults(handler=run)

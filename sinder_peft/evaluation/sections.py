@@ -1,4 +1,5 @@
-"""The sections of an evaluation, one model at a time: kNN, the dense linear probe and the defect statistics.
+"""The sections of an evaluation, one model at a time: kNN, the dense linear probe and the defect statistics (the
+depth probe and the unsupervised segmentation are in `dense_sections`).
 
 `load_context` reads and checks the data layouts once; `evaluate_model` runs one model on every data set of the
 context and returns its section of evaluation.json. Features and statistics go through the cache of `features`.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +21,21 @@ from ..analysis.directions import singular_defect_directions
 from ..images.batching import spread_positions
 from ..tuner.architectures import ImageNormalization, describe_model
 from .arguments import DIRECTION_SAMPLE_IMAGES, EvaluationArguments
-from .datasets import (
-    ClassificationData,
-    SegmentationData,
-    SegmentationSplit,
-    load_classification_data,
-    load_images,
-    load_masks,
-    load_segmentation_data,
+from .context import (
+    CACHE_FOLDER,
+    EvaluationContext,
+    ModelResult,
+    UnsupervisedData,
+    image_shape,
+    model_device,
+    prepared_masks,
+    split_features,
 )
-from .features import FeatureCache, ProcessState, extract_defect_statistics, extract_features, model_fingerprint
-from .image_sources import ImageSource, PreparedImages
+from .datasets import load_classification_data, load_images, load_segmentation_data, load_segmentation_validation
+from .dense_sections import depth_section, prepare_depth_maps, prepare_unsupervised_masks, unsupervised_section
+from .depth_data import load_depth_data
+from .features import FeatureCache, ProcessState, extract_defect_statistics, model_fingerprint
+from .image_sources import PreparedImages
 from .probes import (
     IGNORE_INDEX,
     evaluate_segmentation_probe,
@@ -44,42 +48,8 @@ from .probes import (
 
 logger = logging.getLogger(__name__)
 
-CACHE_FOLDER = "cache"
 DIRECTIONS_PREFIX = "directions."
 """Prefix of the chosen directions' tensors among the cached defect statistics."""
-
-
-@dataclass
-class EvaluationContext:
-    """What every model of one evaluation shares: the settings, the data, the cache and the processes."""
-
-    args: EvaluationArguments
-    state: ProcessState | None
-    cache: FeatureCache
-    knn: ClassificationData | None
-    segmentation: SegmentationData | None
-    defect_images: ImageSource | None
-    defect_source: str | None
-    masks: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this is the process that runs the probes and writes the outputs."""
-        return self.state is None or self.state.is_main_process
-
-    def wait(self) -> None:
-        """Wait for every process (a no-op in a single process)."""
-        if self.state is not None and self.state.num_processes > 1:
-            self.state.wait_for_everyone()
-
-
-@dataclass
-class ModelResult:
-    """One model's section of evaluation.json, and what its figures need."""
-
-    entry: dict[str, Any]
-    patch_size: int
-    norm_maps: list[torch.Tensor] = field(default_factory=list)
 
 
 def load_context(args: EvaluationArguments, state: ProcessState | None) -> EvaluationContext:
@@ -120,8 +90,39 @@ def load_context(args: EvaluationArguments, state: ProcessState | None) -> Evalu
             defect_images, defect_source = knn.val.images, f"validation images of {knn.source}"
         if defect_images is not None:
             defect_images = defect_images.select(spread_positions(len(defect_images), args.defect_max_images))
+    depth = None
+    if args.depth_data:
+        depth = load_depth_data(
+            args.depth_data,
+            train_split=args.train_split,
+            val_split=args.val_split,
+            image_column=args.image_column,
+            depth_column=args.depth_column,
+            max_train=args.depth_max_train,
+            max_val=args.depth_max_val,
+            seed=args.seed,
+        )
+    unsupervised = None
+    unsupervised_resolution = args.unsupervised_resolution or args.seg_resolution
+    if args.unsupervised_data:
+        split, reduce_zero_label = load_segmentation_validation(
+            args.unsupervised_data,
+            val_split=args.val_split,
+            image_column=args.image_column,
+            annotation_column=args.annotation_column,
+            reduce_zero_label=args.unsupervised_reduce_zero_label,
+            max_val=args.unsupervised_max_val,
+            seed=args.seed,
+        )
+        unsupervised = UnsupervisedData(args.unsupervised_data, split, reduce_zero_label, unsupervised_resolution)
+    elif segmentation is not None and args.unsupervised:
+        unsupervised = UnsupervisedData(
+            segmentation.source, segmentation.val, segmentation.reduce_zero_label, unsupervised_resolution
+        )
     cache_dir = args.cache_dir or str(Path(args.output_dir) / CACHE_FOLDER)
-    return EvaluationContext(args, state, FeatureCache(cache_dir), knn, segmentation, defect_images, defect_source)
+    return EvaluationContext(
+        args, state, FeatureCache(cache_dir), knn, segmentation, defect_images, defect_source, depth, unsupervised
+    )
 
 
 def check_evaluation_data(args: EvaluationArguments) -> None:
@@ -134,83 +135,6 @@ def check_evaluation_data(args: EvaluationArguments) -> None:
     load_context(args, None)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    """Return where the model's parameters are: the probes run there too."""
-    return next(model.parameters()).device
-
-
-def _image_shape(resolution: int, patch_size: int) -> tuple[int, int, int]:
-    """Return the (3, S, S) shape of an image prepared with a square crop at `resolution`."""
-    side = (resolution // patch_size) * patch_size
-    return (3, side, side)
-
-
-def _features(
-    context: EvaluationContext,
-    model: nn.Module,
-    fingerprint: str,
-    images: ImageSource,
-    resolution: int,
-    normalization: ImageNormalization,
-    *,
-    with_patches: bool,
-    label: str,
-) -> dict[str, torch.Tensor] | None:
-    """Return the cached or freshly extracted features of `images` (on the main process; None elsewhere).
-
-    Every process checks the cache before the extraction, whose gathers need every process, so the main process
-    cannot write the entry before all have looked: they all take the same branch.
-    """
-    patch_size = describe_model(model).patch_size
-    dataset = PreparedImages(images, resolution, patch_size, normalization)
-    key = {"model": fingerprint, "data": dataset.identity(), "patches": with_patches}
-    path = context.cache.path("features", key)
-    if path is not None and path.is_file():
-        return context.cache.load(path) if context.is_main else None
-    features = extract_features(
-        model,
-        dataset,
-        image_shape=_image_shape(resolution, patch_size),
-        batch_size=context.args.batch_size,
-        with_patches=with_patches,
-        num_workers=context.args.num_workers,
-        state=context.state,
-        description=label,
-    )
-    if context.is_main:
-        context.cache.save(path, features, key)
-    context.wait()
-    return features
-
-
-def _split_features(
-    context: EvaluationContext,
-    model: nn.Module,
-    fingerprint: str,
-    images: dict[str, ImageSource],
-    resolution: int,
-    normalization: ImageNormalization,
-    *,
-    with_patches: bool,
-    purpose: str,
-) -> dict[str, dict[str, torch.Tensor] | None]:
-    """Return `_features` of each named split of `images` (e.g. "train", "val"), its progress bar labelled
-    "`purpose` `name`"."""
-    return {
-        name: _features(
-            context,
-            model,
-            fingerprint,
-            split,
-            resolution,
-            normalization,
-            with_patches=with_patches,
-            label=f"{purpose} {name}",
-        )
-        for name, split in images.items()
-    }
-
-
 def _knn_section(
     context: EvaluationContext, model: nn.Module, fingerprint: str, normalization: ImageNormalization
 ) -> dict[str, Any] | None:
@@ -218,7 +142,7 @@ def _knn_section(
     args, data = context.args, context.knn
     assert data is not None
     images = {"train": data.train.images, "val": data.val.images}
-    splits = _split_features(
+    splits = split_features(
         context, model, fingerprint, images, args.knn_resolution, normalization, with_patches=False, purpose="kNN"
     )
     if not context.is_main:
@@ -232,7 +156,7 @@ def _knn_section(
         ks=args.knn_k,
         temperature=args.knn_temperature,
         num_classes=len(data.class_names),
-        device=_model_device(model),
+        device=model_device(model),
     )
     return {
         "top1": by_k[args.knn_headline_k],
@@ -246,31 +170,6 @@ def _knn_section(
     }
 
 
-def _split_masks(context: EvaluationContext, split: SegmentationSplit, patch_size: int) -> torch.Tensor:
-    """Return the prepared masks of one split (cached, as they are read on every process)."""
-    args, data = context.args, context.segmentation
-    assert data is not None
-    key = {
-        "images": split.images.identity(),
-        "masks": split.masks.identity(),
-        "resolution": args.seg_resolution,
-        "patch_size": patch_size,
-        "reduce_zero_label": data.reduce_zero_label,
-    }
-    path = context.cache.path("masks", key)
-    cached = context.cache.load(path)
-    # Reading masks involves no collective operation: without this barrier a slower process could find the entry the
-    # main process has just written, skip the barrier below, and leave the processes waiting at different points.
-    context.wait()
-    if cached is not None:
-        return cached["masks"]
-    masks = load_masks(split, args.seg_resolution, patch_size, data.reduce_zero_label, show_progress=context.is_main)
-    if context.is_main:
-        context.cache.save(path, {"masks": masks}, key)
-    context.wait()
-    return masks
-
-
 def _masks(context: EvaluationContext, patch_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Return the train and validation masks for models of `patch_size`, and the number of classes.
 
@@ -281,8 +180,9 @@ def _masks(context: EvaluationContext, patch_size: int) -> tuple[torch.Tensor, t
         return context.masks[patch_size]
     data = context.segmentation
     assert data is not None
-    train = _split_masks(context, data.train, patch_size)
-    val = _split_masks(context, data.val, patch_size)
+    resolution, reduce_zero_label = context.args.seg_resolution, data.reduce_zero_label
+    train = prepared_masks(context, data.train, patch_size, resolution, reduce_zero_label)
+    val = prepared_masks(context, data.val, patch_size, resolution, reduce_zero_label)
     present = torch.unique(train)
     present = present[present != IGNORE_INDEX]
     if present.numel() < 2:
@@ -308,7 +208,7 @@ def _segmentation_section(
     patch_size = describe_model(model).patch_size
     train_masks, val_masks, num_classes = _masks(context, patch_size)
     images = {"train": data.train.images, "val": data.val.images}
-    splits = _split_features(
+    splits = split_features(
         context,
         model,
         fingerprint,
@@ -329,10 +229,10 @@ def _segmentation_section(
         weight_decay=args.seg_weight_decay,
         batch_size=args.seg_batch_size,
         seed=args.seed,
-        device=_model_device(model),
+        device=model_device(model),
     )
     confusion = evaluate_segmentation_probe(
-        probe, splits["val"]["patches"][val_valid], val_masks[val_valid], device=_model_device(model)
+        probe, splits["val"]["patches"][val_valid], val_masks[val_valid], device=model_device(model)
     )
     per_class = intersection_over_union(confusion)
     labelled = int(confusion.sum())
@@ -372,7 +272,7 @@ def _defect_section(
             model,
             dataset,
             directions,
-            image_shape=_image_shape(args.defect_resolution, patch_size),
+            image_shape=image_shape(args.defect_resolution, patch_size),
             batch_size=args.batch_size,
             test=args.defect_test,
             num_workers=args.num_workers,
@@ -448,10 +348,15 @@ def evaluate_model(
     model.eval()
     fingerprint = model_fingerprint(model)
     logger.info("Evaluating %s (fingerprint %s).", name, fingerprint)
+    patch_size = describe_model(model).patch_size
     try:
         entry: dict[str, Any] = {"model": name}
-        norm_maps: list[torch.Tensor] = []
-        # the masks are read and checked first, so that a bad mask stops the run before any model has run
+        result = ModelResult(entry, patch_size)
+        # masks and depth maps are read and checked first, so that a bad one stops the run before any model has run
+        if context.depth is not None:
+            prepare_depth_maps(context, patch_size)
+        if context.unsupervised is not None:
+            prepare_unsupervised_masks(context, patch_size)
         segmentation = None
         if context.segmentation is not None:
             segmentation = _segmentation_section(context, model, fingerprint, normalization)
@@ -459,8 +364,14 @@ def evaluate_model(
             entry["knn"] = _knn_section(context, model, fingerprint, normalization)
         if context.segmentation is not None:
             entry["segmentation"] = segmentation
+        if context.depth is not None:
+            entry["depth"], result.depth_maps, result.depth_truth = depth_section(
+                context, model, fingerprint, normalization
+            )
+        if context.unsupervised is not None:
+            entry["unsupervised"] = unsupervised_section(context, model, fingerprint, normalization)
         if context.defect_images is not None:
-            entry["defects"], norm_maps = _defect_section(context, model, fingerprint, normalization)
+            entry["defects"], result.norm_maps = _defect_section(context, model, fingerprint, normalization)
     finally:
         model.train(training)
-    return ModelResult(entry, describe_model(model).patch_size, norm_maps) if context.is_main else None
+    return result if context.is_main else None

@@ -87,6 +87,20 @@ class RepairArguments(ModelKwargsArguments):
             "(`sinder evaluate --seg-data` layouts)."
         },
     )
+    evaluate_depth_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "After the repair, evaluate both models with the linear depth probe on this data "
+            "(`sinder evaluate --depth-data` layouts)."
+        },
+    )
+    evaluate_unsupervised_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "After the repair, compare both models' unsupervised segmentation on this data (`sinder "
+            "evaluate --unsupervised-data`; default with --evaluate-seg-data: its validation split)."
+        },
+    )
     evaluate_defect_data: str | None = field(
         default=None,
         metadata={
@@ -98,7 +112,14 @@ class RepairArguments(ModelKwargsArguments):
     @property
     def evaluates(self) -> bool:
         """Whether the run ends with an evaluation of the original and the repaired model."""
-        return any((self.evaluate_knn_data, self.evaluate_seg_data, self.evaluate_defect_data))
+        data = (
+            self.evaluate_knn_data,
+            self.evaluate_seg_data,
+            self.evaluate_depth_data,
+            self.evaluate_unsupervised_data,
+            self.evaluate_defect_data,
+        )
+        return any(data)
 
 
 def evaluation_settings(args: RepairArguments, output_dir: Path) -> EvaluationArguments | None:
@@ -109,5 +130,7 @@ def evaluation_settings(args: RepairArguments, output_dir: Path) -> EvaluationAr
         output_dir=str(output_dir / "evaluation"),
         knn_data=args.evaluate_knn_data,
         seg_data=args.evaluate_seg_data,
+        depth_data=args.evaluate_depth_data,
+        unsupervised_data=args.evaluate_unsupervised_data,
         defect_data=args.evaluate_defect_data,
     )

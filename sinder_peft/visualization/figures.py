@@ -24,6 +24,7 @@ from matplotlib.image import AxesImage
 from PIL import Image
 
 NORM_COLORMAP = "inferno"
+DEPTH_COLORMAP = "magma_r"
 FIRST_DEFECTIVE_LAYER_COLOR = "#d62728"
 _PANEL_INCHES = 4.0
 _DPI = 100
@@ -422,3 +423,62 @@ def save_norm_map_comparison(
         `path`, as a `Path`.
     """
     return _save(norm_map_comparison_figure(images, token_norms, models), path)
+
+
+def depth_comparison_figure(
+    images: Sequence[Image.Image],
+    truth: Sequence[torch.Tensor],
+    predictions: Sequence[Sequence[torch.Tensor]],
+    models: Sequence[str],
+) -> Figure:
+    """Return the figure `save_depth_comparison` writes (see there)."""
+    if not images or not len(images) == len(truth) == len(predictions):
+        raise ValueError(
+            f"Need one true map and one row of predictions per image, got {len(images)} images, {len(truth)} true "
+            f"maps and {len(predictions)} rows."
+        )
+    if any(len(row) != len(models) for row in predictions):
+        raise ValueError(f"Every row needs one predicted map per model ({len(models)}).")
+    height, width = (int(size) for size in truth[0].shape)
+    columns = ["image", "truth"] + [f"model {index}" for index in range(len(models))]
+    mosaic = [[f"{row} {column}" for column in columns] for row in range(len(images))]
+    figure, axes = _new_figure(mosaic, height / width)
+    for row, (image, true_map, maps) in enumerate(zip(images, truth, predictions, strict=True)):
+        _draw_image(axes[f"{row} image"], image, (height, width), "image")
+        valid = true_map > 0
+        largest = max([float(true_map.max())] + [float(depth.max()) for depth in maps])
+        scale = Normalize(0.0, max(largest, 1e-6))
+        shown = np.ma.masked_where(~valid.cpu().numpy(), true_map.double().cpu().numpy())
+        artist = axes[f"{row} truth"].imshow(shown, cmap=DEPTH_COLORMAP, norm=scale, interpolation="nearest")
+        axes[f"{row} truth"].set_title("true depth (m)")
+        for index, (model, depth) in enumerate(zip(models, maps, strict=True)):
+            axis = axes[f"{row} model {index}"]
+            axis.imshow(depth.double().cpu().numpy(), cmap=DEPTH_COLORMAP, norm=scale, interpolation="nearest")
+            error = depth.double()[valid] - true_map.double()[valid]
+            rmse = float(error.pow(2).mean().sqrt()) if error.numel() else float("nan")
+            axis.set_title(f"{model}\nRMSE {rmse:.3f} m")
+        figure.colorbar(artist, ax=[axes[f"{row} {column}"] for column in columns[1:]], fraction=0.046)
+    return figure
+
+
+def save_depth_comparison(
+    images: Sequence[Image.Image],
+    truth: Sequence[torch.Tensor],
+    predictions: Sequence[Sequence[torch.Tensor]],
+    models: Sequence[str],
+    path: str | Path,
+) -> Path:
+    """Save a PNG of predicted depth maps, one row per image: the image, its true depth, then one map per model.
+
+    Args:
+        images: the images as the models saw them.
+        truth: per image, its `[H, W]` true depth in metres (0 = no measurement, drawn blank).
+        predictions: per image, one `[H, W]` predicted depth map per model, in the order of `models`. A row shares
+            one colour scale (0 to its largest depth) and one colorbar; each title gives that image's RMSE.
+        models: the model names.
+        path: where to write the PNG.
+
+    Returns:
+        `path`, as a `Path`.
+    """
+    return _save(depth_comparison_figure(images, truth, predictions, models), path)

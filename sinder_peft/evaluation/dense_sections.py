@@ -1,0 +1,221 @@
+"""The dense sections of an evaluation beside the segmentation probe, one model at a time: the linear depth probe
+(`--depth-data`) and the unsupervised segmentation (k-means on patch tokens, on the validation masks of
+`--unsupervised-data` or `--seg-data`). Features go through the cache of `context`; depth maps and masks too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..tuner.architectures import ImageNormalization, describe_model
+from .clustering import cluster_class_counts, matched_confusion, spherical_kmeans
+from .context import (
+    EvaluationContext,
+    cached_tensor,
+    model_device,
+    prepared_masks,
+    split_features,
+)
+from .depth_data import DepthSplit, load_depth_maps
+from .depth_probe import (
+    depth_bin_centres,
+    depth_metrics,
+    evaluate_depth_probe,
+    patch_log_depth_targets,
+    train_linear_depth_probe,
+)
+from .probes import IGNORE_INDEX, intersection_over_union, mean_iou
+
+
+def _depth_maps(context: EvaluationContext, split: DepthSplit, patch_size: int) -> torch.Tensor:
+    """Return the prepared depth maps [N, S, S] of one split (metres, 0 = invalid; cached)."""
+    args = context.args
+    key = {
+        "images": split.images.identity(),
+        "depths": split.depths.identity(),
+        "resolution": args.depth_resolution,
+        "patch_size": patch_size,
+        "min_depth": args.depth_min,
+        "max_depth": args.depth_max,
+        "crop": args.depth_crop,
+    }
+
+    def read(show_progress: bool) -> torch.Tensor:
+        return load_depth_maps(
+            split,
+            args.depth_resolution,
+            patch_size,
+            min_depth=args.depth_min,
+            max_depth=args.depth_max,
+            crop=args.depth_crop,
+            show_progress=show_progress,
+        )
+
+    return cached_tensor(context, "depth", key, read)
+
+
+def prepare_depth_maps(context: EvaluationContext, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the training and validation depth maps for models of `patch_size` (read and checked before any model
+    runs: the first call comes before the first model's features).
+
+    Raises:
+        ValueError: a depth map does not fit its image, or the training or validation maps hold no valid pixel.
+    """
+    data = context.depth
+    assert data is not None
+    train = _depth_maps(context, data.train, patch_size)
+    val = _depth_maps(context, data.val, patch_size)
+    for name, maps in (("training", train), ("validation", val)):
+        if not bool((maps > 0).any()):
+            raise ValueError(
+                f"The {name} depth maps of {data.source!r} hold no valid pixel in [{context.args.depth_min}, "
+                f"{context.args.depth_max}] m (PNG maps are read as millimetres, .npy maps as metres)."
+            )
+    return train, val
+
+
+def depth_section(
+    context: EvaluationContext, model: nn.Module, fingerprint: str, normalization: ImageNormalization
+) -> tuple[dict[str, Any] | None, list[torch.Tensor], list[torch.Tensor]]:
+    """Return the `depth` section of one model, and its predicted and the true depth maps of the first
+    `--depth-figure-images` readable validation images (main process; None, [] and [] elsewhere)."""
+    args, data = context.args, context.depth
+    assert data is not None
+    patch_size = describe_model(model).patch_size
+    train_maps, val_maps = prepare_depth_maps(context, patch_size)
+    images = {"train": data.train.images, "val": data.val.images}
+    splits = split_features(
+        context,
+        model,
+        fingerprint,
+        images,
+        args.depth_resolution,
+        normalization,
+        with_patches=True,
+        purpose="depth",
+    )
+    if not context.is_main:
+        return None, [], []
+    train, val = splits["train"], splits["val"]
+    train_valid, val_valid = train["valid"], val["valid"]
+    log_depth, counts = patch_log_depth_targets(train_maps[train_valid], patch_size)
+    centres = None
+    if args.depth_head == "bins":
+        centres = depth_bin_centres(args.depth_min, args.depth_max, args.depth_bins, args.depth_bin_spacing)
+    probe = train_linear_depth_probe(
+        train["patches"][train_valid],
+        train["cls"][train_valid],
+        log_depth,
+        counts,
+        head=args.depth_head,
+        depth_range=(args.depth_min, args.depth_max),
+        centres=centres,
+        epochs=args.depth_epochs,
+        lr=args.depth_lr,
+        weight_decay=args.depth_weight_decay,
+        batch_size=args.depth_batch_size,
+        seed=args.seed,
+        device=model_device(model),
+    )
+    sums, shown = evaluate_depth_probe(
+        probe,
+        val["patches"][val_valid],
+        val["cls"][val_valid],
+        val_maps[val_valid],
+        device=model_device(model),
+        keep=args.depth_figure_images,
+    )
+    section = {
+        **depth_metrics(sums),
+        "num_train": int(train_valid.sum()),
+        "num_val": int(val_valid.sum()),
+        "valid_pixels": int(sums.pixels),
+        "resolution": args.depth_resolution,
+        "head": args.depth_head,
+        **({"bins": args.depth_bins, "bin_spacing": args.depth_bin_spacing} if centres is not None else {}),
+        "depth_range": [args.depth_min, args.depth_max],
+        "final_training_loss": probe.losses[-1],
+    }
+    return section, list(shown), list(val_maps[val_valid][: len(shown)])
+
+
+def prepare_unsupervised_masks(context: EvaluationContext, patch_size: int) -> torch.Tensor:
+    """Return the validation masks of the unsupervised segmentation for models of `patch_size` (checked before any
+    model runs).
+
+    Raises:
+        ValueError: the masks hold fewer than two classes, or fewer pixels than the clusters need.
+    """
+    data = context.unsupervised
+    assert data is not None
+    masks = prepared_masks(context, data.val, patch_size, data.resolution, data.reduce_zero_label)
+    present = torch.unique(masks)
+    present = present[present != IGNORE_INDEX]
+    if present.numel() < 2:
+        raise ValueError(
+            f"The validation masks of {data.source!r} hold {present.numel()} class(es); unsupervised segmentation "
+            "needs at least two."
+        )
+    return masks
+
+
+def _sampled_tokens(patches: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
+    """Return at most `limit` patch tokens [M, C] drawn at random (seeded) over every image of [N, h, w, C]."""
+    flat = patches.reshape(-1, patches.shape[-1])
+    if flat.shape[0] <= limit:
+        return flat
+    generator = torch.Generator().manual_seed(seed)
+    return flat[torch.randperm(flat.shape[0], generator=generator)[:limit]]
+
+
+def unsupervised_section(
+    context: EvaluationContext, model: nn.Module, fingerprint: str, normalization: ImageNormalization
+) -> dict[str, Any] | None:
+    """Return the `unsupervised` section of one model (main process; None elsewhere)."""
+    args, data = context.args, context.unsupervised
+    assert data is not None
+    patch_size = describe_model(model).patch_size
+    masks = prepare_unsupervised_masks(context, patch_size)
+    features = split_features(
+        context,
+        model,
+        fingerprint,
+        {"val": data.val.images},
+        data.resolution,
+        normalization,
+        with_patches=True,
+        purpose="unsupervised",
+    )["val"]
+    if not context.is_main:
+        return None
+    valid = features["valid"]
+    patches, masks = features["patches"][valid], masks[valid]
+    classes = torch.unique(masks)
+    classes = classes[classes != IGNORE_INDEX]
+    clusters = args.unsupervised_clusters or classes.numel()
+    centroids = spherical_kmeans(
+        _sampled_tokens(patches, args.unsupervised_max_tokens, args.seed),
+        clusters,
+        restarts=args.unsupervised_restarts,
+        seed=args.seed,
+        device=model_device(model),
+    )
+    counts = cluster_class_counts(patches, centroids, masks, classes, IGNORE_INDEX, model_device(model))
+    confusion = matched_confusion(counts)
+    per_class = intersection_over_union(confusion)[: classes.numel()]
+    return {
+        "miou": mean_iou(per_class),
+        "per_class_iou": {
+            str(int(label)): None if math.isnan(value) else value
+            for label, value in zip(classes.tolist(), per_class.tolist(), strict=True)
+        },
+        "pixel_accuracy": float(confusion.diagonal().sum()) / max(int(confusion.sum()), 1) * 100,
+        "clusters": clusters,
+        "num_classes": classes.numel(),
+        "num_val": int(valid.sum()),
+        "resolution": data.resolution,
+    }

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .probes import channel_statistics
+
 logger = logging.getLogger(__name__)
 
 DINOV2_DEPTH_BINS = 256
@@ -195,22 +197,6 @@ class LinearDepthProbe:
         return torch.exp(full[:, 0]).clamp(float(self.depth_range[0]), float(self.depth_range[1]))
 
 
-def _statistics(values: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the per-channel mean and standard deviation (float32, std floored at 1e-6) of [N, ..., C] values,
-    accumulated in float64 a batch of images at a time."""
-    channels = values.shape[-1]
-    total = torch.zeros(channels, dtype=torch.float64)
-    squares = torch.zeros(channels, dtype=torch.float64)
-    for start in range(0, values.shape[0], batch_size):
-        chunk = values[start : start + batch_size].reshape(-1, channels).double()
-        total += chunk.sum(dim=0)
-        squares += (chunk * chunk).sum(dim=0)
-    rows = values.numel() // channels
-    mean = total / rows
-    variance = (squares / rows - mean * mean).clamp_min(0.0)
-    return mean.float(), variance.sqrt().float().clamp_min(1e-6)
-
-
 def train_linear_depth_probe(
     patches: torch.Tensor,
     cls: torch.Tensor,
@@ -266,8 +252,8 @@ def train_linear_depth_probe(
     count, channels, cls_channels = patches.shape[0], patches.shape[-1], cls.shape[-1]
     device = torch.device(device)
     centres = centres.float().to(device) if centres is not None else None
-    patch_mean, patch_std = (statistic.to(device) for statistic in _statistics(patches, batch_size))
-    cls_mean, cls_std = (statistic.to(device) for statistic in _statistics(cls, batch_size))
+    patch_mean, patch_std = (statistic.to(device) for statistic in channel_statistics(patches, batch_size))
+    cls_mean, cls_std = (statistic.to(device) for statistic in channel_statistics(cls, batch_size))
     if (head == "bins") != (centres is not None):
         raise ValueError(f"The {head} head takes {'bin centres' if head == 'bins' else 'no bin centres'}.")
     outputs = centres.shape[0] if centres is not None else 1

@@ -252,19 +252,20 @@ def patch_cross_entropy(logits: torch.Tensor, label_counts: torch.Tensor) -> tor
     return -(counts * torch.log_softmax(logits, dim=-1)).sum() / counts.sum().clamp_min(1.0)
 
 
-def _channel_statistics(features: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the per-channel mean and standard deviation (float32, std floored at 1e-6) of [N, h, w, C] features,
-    accumulated in float64 a batch of images at a time."""
-    channels = features.shape[-1]
+def channel_statistics(values: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the per-channel mean and standard deviation (float32, std floored at 1e-6) of [N, ..., C] values
+    (patch features [N, h, w, C], CLS tokens [N, C]), accumulated in float64 a batch of images at a time, so that a
+    large feature cache is normalized without a float64 copy of it."""
+    channels = values.shape[-1]
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
-    for start in range(0, features.shape[0], batch_size):
-        chunk = features[start : start + batch_size].reshape(-1, channels).double()
+    for start in range(0, values.shape[0], batch_size):
+        chunk = values[start : start + batch_size].reshape(-1, channels).double()
         total += chunk.sum(dim=0)
         squares += (chunk * chunk).sum(dim=0)
-    tokens = features.shape[0] * features.shape[1] * features.shape[2]
-    mean = total / tokens
-    variance = (squares / tokens - mean * mean).clamp_min(0.0)
+    rows = values.numel() // channels
+    mean = total / rows
+    variance = (squares / rows - mean * mean).clamp_min(0.0)
     return mean.float(), variance.sqrt().float().clamp_min(1e-6)
 
 
@@ -310,7 +311,7 @@ def train_linear_segmentation_probe(
         raise ValueError("No labelled pixel to train the probe on (every mask pixel is ignored).")
     count, channels, num_classes = features.shape[0], features.shape[-1], label_counts.shape[-1]
     device = torch.device(device)
-    mean, std = (statistic.to(device) for statistic in _channel_statistics(features, batch_size))
+    mean, std = (statistic.to(device) for statistic in channel_statistics(features, batch_size))
     weight = torch.zeros(num_classes, channels, device=device, requires_grad=True)
     bias = torch.zeros(num_classes, device=device, requires_grad=True)
     optimizer = torch.optim.AdamW(

@@ -23,7 +23,7 @@ from sinder_peft.cli import main as cli_main
 from sinder_peft.synthetic.demo import demo_image_paths
 
 GUIDE = REPO_ROOT / "docs" / "reproduce.md"
-SMALL_REPAIR = ["--max-steps", "2"]
+SMALL_REPAIR = ["--max-steps", "60"]  # enough for the paper recipe to repair the demo stand-in (outcome "repaired")
 SMALL_EVALUATION = [
     "--knn-resolution", "56", "--seg-resolution", "112", "--depth-resolution", "112",
     "--unsupervised-resolution", "112", "--defect-resolution", "112", "--batch-size", "8", "--num-workers", "0",

@@ -237,6 +237,21 @@ def run_ablation(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]
     return rows
 
 
+def repair_row(entry: dict[str, Any], variant: str, *, clean_digits: int) -> list[Any]:
+    """Return the printed table row of one repair of `run_ablation` or `run_gated`: the model, its `variant` key's
+    value (the recipe, or the gated MLP's form), the ratios, the cosines, the steps and the seconds."""
+    return [
+        entry["model"],
+        entry[variant],
+        f"{entry['ratio_before']:.0f}",
+        f"{entry['ratio_after']:.2f} (max {entry['ratio_after_max']:.2f})",
+        f"{entry['clean_cosine']:.{clean_digits}f}",
+        f"{entry['cls_cosine']:.3f}",
+        entry["steps"],
+        f"{entry['seconds']:.0f}",
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("step", "ablation", "gated", "both"), default="both")
@@ -270,36 +285,12 @@ def main(argv: list[str] | None = None) -> None:
             print(format_table(headers, rows) + "\n")
         if args.part in ("ablation", "both"):
             payload["ablation"] = run_ablation(args, Path(scratch))
-            rows = [
-                [
-                    entry["model"],
-                    entry["recipe"],
-                    f"{entry['ratio_before']:.0f}",
-                    f"{entry['ratio_after']:.2f} (max {entry['ratio_after_max']:.2f})",
-                    f"{entry['clean_cosine']:.3f}",
-                    f"{entry['cls_cosine']:.3f}",
-                    entry["steps"],
-                    f"{entry['seconds']:.0f}",
-                ]
-                for entry in payload["ablation"]
-            ]
+            rows = [repair_row(entry, "recipe", clean_digits=3) for entry in payload["ablation"]]
             headers = ["model", "recipe", "ratio before", "ratio after", "clean cos", "CLS cos", "steps", "s"]
             print(format_table(headers, rows))
         if args.part == "gated":
             payload["gated"] = run_gated(args, Path(scratch))
-            rows = [
-                [
-                    entry["model"],
-                    entry["gated_mlp"],
-                    f"{entry['ratio_before']:.0f}",
-                    f"{entry['ratio_after']:.2f} (max {entry['ratio_after_max']:.2f})",
-                    f"{entry['clean_cosine']:.4f}",
-                    f"{entry['cls_cosine']:.3f}",
-                    entry["steps"],
-                    f"{entry['seconds']:.0f}",
-                ]
-                for entry in payload["gated"]
-            ]
+            rows = [repair_row(entry, "gated_mlp", clean_digits=4) for entry in payload["gated"]]
             headers = ["model", "gate/up", "ratio before", "ratio after", "clean cos", "CLS cos", "steps", "s"]
             print(format_table(headers, rows))
     if args.output:

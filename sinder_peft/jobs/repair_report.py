@@ -166,8 +166,9 @@ def summary_text(report: dict[str, Any], output_dir: Path) -> str:
             "direction does not explain them: --directions auto (the default) or data takes it from them."
         )
     lines.append(f"  high-norm defect tokens after: {_high_norm_line(after)}; directions: {directions}")
-    if _input_line(after):
-        lines.append(_input_line(after).rstrip("\n"))
+    inputs_after = _input_line(after)
+    if inputs_after:
+        lines.append(inputs_after.rstrip("\n"))
     if report["repaired"]:
         lines.append(
             f"  mean cosine to the original: clean tokens {report['clean_token_cosine']:.3f}, CLS "

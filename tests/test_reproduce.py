@@ -42,15 +42,18 @@ def guide_commands() -> list[list[str]]:
 
 
 def test_the_guide_holds_the_whole_pipeline() -> None:
-    """One repair, then kNN, ADE20k, NYUd and the unsupervised set, each evaluating the three models."""
+    """One repair, then kNN, ADE20k, NYUd and the two unsupervised sets (with the paper's protocol, CAUSE), each
+    evaluating the three models."""
     commands = guide_commands()
-    assert [command[0] for command in commands] == ["repair", "evaluate", "evaluate", "evaluate", "evaluate"]
+    assert [command[0] for command in commands] == ["repair"] + ["evaluate"] * 5
     assert "--recipe" in commands[0] and commands[0][commands[0].index("--recipe") + 1] == "paper"
     flags = [next(argument for argument in command if argument.endswith("-data")) for command in commands[1:]]
-    assert flags == ["--knn-data", "--seg-data", "--depth-data", "--unsupervised-data"]
+    assert flags == ["--knn-data", "--seg-data", "--depth-data", "--unsupervised-data", "--unsupervised-data"]
     models = ["facebook/dinov2-giant", "runs/dinov2-giant-sinder", "facebook/dinov2-with-registers-giant"]
     for command in commands[1:]:
         assert command[1:4] == models
+    for command in commands[4:]:
+        assert command[command.index("--unsupervised-protocol") + 1] == "cause"
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +61,12 @@ def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The replacement of every model and data set name of the guide."""
     root = tmp_path_factory.mktemp("stand_ins")
     tiny_dinov2("registers").save_pretrained(root / "registers")
-    voc = root / "voc"
     seg = write_seg_folder(root / "seg")
-    (voc / "val").mkdir(parents=True)
-    for folder in ("images", "masks"):
-        (voc / "val" / folder).symlink_to(seg / "val" / folder)
+    voc, cityscapes = root / "voc", root / "cityscapes"
+    for unsupervised in (voc, cityscapes):  # validation images and masks, training images without masks
+        for split, folder in (("val", "images"), ("val", "masks"), ("train", "images")):
+            (unsupervised / split).mkdir(parents=True, exist_ok=True)
+            (unsupervised / split / folder).symlink_to(seg / split / folder)
     return {
         "facebook/dinov2-giant": "demo",
         "facebook/dinov2-with-registers-giant": str(root / "registers"),
@@ -71,6 +75,7 @@ def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "ade20k": str(seg),
         "nyu": str(write_depth_folder(root / "nyu")),
         "voc2012": str(voc),
+        "cityscapes": str(cityscapes),
     }
 
 
@@ -93,4 +98,7 @@ def test_every_command_of_the_guide_runs(
         section = next(sections[argument] for argument in command if argument in sections)
         for entry in results["models"]:
             assert section in entry, (command, entry.keys())
+        if "--unsupervised-protocol" in command:
+            sections_fitted = [entry["unsupervised"] for entry in results["models"]]
+            assert all(fitted["protocol"] == "cause" and fitted["fit_on"] == "train" for fitted in sections_fitted)
         assert (output_dir / "evaluation.md").is_file() and (output_dir / "evaluation.png").is_file()

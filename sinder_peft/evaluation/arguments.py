@@ -4,12 +4,16 @@ command line."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..analysis.detection import DIRECTION_SOURCE_HELP, RECIPE_HELP, DefectTest, DirectionSource, Recipe
 from ..models.other_libraries import ModelKwargsArguments
 from .depth_data import DepthCrop
 from .depth_probe import DINOV2_DEPTH_BINS, BinSpacing, DepthHead
 from .probes import DINOV2_KNN_KS, DINOV2_KNN_TEMPERATURE
+
+UnsupervisedProtocol = Literal["kmeans", "cause"]
+"""`kmeans`: spherical k-means on the patch tokens (no training); `cause`: CAUSE, the SINDER paper's protocol."""
 
 DIRECTION_SAMPLE_IMAGES = 16
 """The defect images on which each model's directions are chosen (`--directions`), the first ones of the data."""
@@ -158,6 +162,14 @@ class EvaluationArguments(ModelKwargsArguments):
             "--unsupervised-data is given)"
         },
     )
+    unsupervised_protocol: UnsupervisedProtocol = field(
+        default="kmeans",
+        metadata={
+            "help": "unsupervised segmentation: kmeans (spherical k-means on the validation patch tokens, no "
+            "training) or cause (the SINDER paper's protocol: CAUSE's clusterbook, head and cluster probe fitted on "
+            "the training images, masks unread; slower)"
+        },
+    )
     unsupervised_resolution: int | None = field(
         default=None,
         metadata={
@@ -166,7 +178,8 @@ class EvaluationArguments(ModelKwargsArguments):
         },
     )
     unsupervised_clusters: int | None = field(
-        default=None, metadata={"help": "k-means clusters (default: the number of classes in the masks)"}
+        default=None,
+        metadata={"help": "k-means clusters or CAUSE centroids (default: the number of classes in the masks)"},
     )
     unsupervised_max_tokens: int = field(
         default=100_000, metadata={"help": "k-means is fitted on at most this many patch tokens (random, seeded)"}
@@ -178,6 +191,25 @@ class EvaluationArguments(ModelKwargsArguments):
     )
     unsupervised_max_val: int | None = field(
         default=None, metadata={"help": "use at most this many images of --unsupervised-data (random, seeded)"}
+    )
+    unsupervised_max_train: int | None = field(
+        default=None,
+        metadata={"help": "cause: fit on at most this many training images (random, seeded)"},
+    )
+    cause_concepts: int = field(default=2048, metadata={"help": "cause: concepts of the clusterbook"})
+    cause_head_epochs: int = field(default=2, metadata={"help": "cause: passes of the head's contrastive training"})
+    cause_probe_epochs: int = field(default=5, metadata={"help": "cause: passes of the cluster probe's fit"})
+    cause_batch_size: int = field(default=16, metadata={"help": "cause: images per step (in-batch contrast)"})
+    cause_lr: float = field(default=1e-3, metadata={"help": "cause: Adam learning rate of every fit"})
+    cause_weight_decay: float = field(
+        default=1e-4, metadata={"help": "cause: Adam weight decay of the head (CAUSE: 0 for Cityscapes)"}
+    )
+    cause_max_grad_norm: float = field(
+        default=2.0, metadata={"help": "cause: gradient-norm clip of the head (CAUSE: 1 for Cityscapes)"}
+    )
+    cause_mirror: bool = field(
+        default=True,
+        metadata={"help": "cause: average the head's features of each validation image and its mirror image"},
     )
     defect_resolution: int = field(
         default=518, metadata={"help": "defect figures: short side resized to this, then the centre square"}
@@ -218,11 +250,21 @@ class EvaluationArguments(ModelKwargsArguments):
             "depth_batch_size",
             "unsupervised_max_tokens",
             "unsupervised_restarts",
+            "cause_head_epochs",
+            "cause_probe_epochs",
+            "cause_batch_size",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
-        for name in ("unsupervised_resolution", "unsupervised_clusters"):
+        if self.cause_concepts < 2:
+            raise ValueError(f"--cause-concepts must be at least 2, got {self.cause_concepts}.")
+        if self.cause_lr <= 0 or self.cause_weight_decay < 0 or self.cause_max_grad_norm <= 0:
+            raise ValueError(
+                f"Need --cause-lr > 0, --cause-weight-decay ≥ 0 and --cause-max-grad-norm > 0, got {self.cause_lr}, "
+                f"{self.cause_weight_decay} and {self.cause_max_grad_norm}."
+            )
+        for name in ("unsupervised_resolution", "unsupervised_clusters", "unsupervised_max_train"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}.")

@@ -1,7 +1,8 @@
 """Unsupervised segmentation of `sinder evaluate`, as pure functions on cached features: k-means on patch tokens and
-a Hungarian matching of the clusters to the classes.
+a Hungarian matching of the clusters to the classes (CAUSE's clusters, `cause.py`, are scored by the same matching).
 
-Protocol (the common baseline of unsupervised semantic segmentation, e.g. in PiCIE's and STEGO's evaluations):
+The k-means protocol (`--unsupervised-protocol kmeans`, the common training-free baseline of unsupervised semantic
+segmentation, e.g. in PiCIE's and STEGO's evaluations):
 
 1. every last-layer patch token of the validation images is L2-normalised;
 2. spherical k-means (cosine similarity) with as many clusters as the masks hold classes, fitted on at most
@@ -104,12 +105,22 @@ def spherical_kmeans(
 
 
 def cluster_maps(
-    patches: torch.Tensor, centroids: torch.Tensor, map_size: tuple[int, int], device: torch.device | str = "cpu"
+    patches: torch.Tensor,
+    centroids: torch.Tensor,
+    map_size: tuple[int, int],
+    device: torch.device | str = "cpu",
+    upsample_features: bool = False,
 ) -> torch.Tensor:
-    """Return the cluster of every pixel [B, H, W] for patch features [B, h, w, C]: cosine similarities to the
-    centroids, upsampled bilinearly to `map_size`, then argmax."""
+    """Return the cluster of every pixel [B, H, W] for patch features [B, h, w, C] and unit-norm centroids: cosine
+    similarities to the centroids upsampled bilinearly to `map_size`, then argmax; or, with `upsample_features`
+    (CAUSE's order), the features upsampled bilinearly, then the cosine of every pixel's feature, then argmax."""
+    centroids = centroids.to(device).float()
+    if upsample_features:
+        grid = patches.to(device).float().permute(0, 3, 1, 2)
+        upsampled = nn.functional.interpolate(grid, size=map_size, mode="bilinear", align_corners=False)
+        return torch.einsum("bchw,kc->bkhw", nn.functional.normalize(upsampled, dim=1), centroids).max(dim=1).indices
     tokens = _normalised(patches.to(device))
-    similarity = (tokens @ centroids.to(device).T).permute(0, 3, 1, 2)
+    similarity = (tokens @ centroids.T).permute(0, 3, 1, 2)
     upsampled = nn.functional.interpolate(similarity, size=map_size, mode="bilinear", align_corners=False)
     return upsampled.max(dim=1).indices
 
@@ -121,9 +132,10 @@ def cluster_class_counts(
     classes: torch.Tensor,
     ignore_index: int,
     device: torch.device | str = "cpu",
+    upsample_features: bool = False,
 ) -> torch.Tensor:
     """Return [clusters, len(classes)] int64 pixel counts: how many pixels of each class (label `classes[j]`) fall
-    in each cluster, over every non-ignored pixel of [N, H, W] `masks`.
+    in each cluster (`cluster_maps`, with `upsample_features`), over every non-ignored pixel of [N, H, W] `masks`.
 
     Raises:
         ValueError: a mask holds a label that is neither in `classes` nor `ignore_index`.
@@ -132,11 +144,12 @@ def cluster_class_counts(
     lookup = torch.full((max(int(masks.max()), int(classes.max()), ignore_index) + 1,), -1, dtype=torch.long)
     lookup[classes.long()] = torch.arange(classes.numel())
     map_size = (masks.shape[1], masks.shape[2])
-    per_chunk = max(1, _SCORE_ELEMENTS // (clusters * map_size[0] * map_size[1]))
+    channels = max(clusters, patches.shape[-1]) if upsample_features else clusters
+    per_chunk = max(1, _SCORE_ELEMENTS // (channels * map_size[0] * map_size[1]))
     counts = torch.zeros(clusters * classes.numel(), dtype=torch.int64, device=device)
     with torch.no_grad():
         for start in range(0, patches.shape[0], per_chunk):
-            assigned = cluster_maps(patches[start : start + per_chunk], centroids, map_size, device)
+            assigned = cluster_maps(patches[start : start + per_chunk], centroids, map_size, device, upsample_features)
             labels = masks[start : start + per_chunk].long()
             valid = labels != ignore_index
             index = lookup[labels[valid]].to(device)

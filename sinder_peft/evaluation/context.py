@@ -26,12 +26,14 @@ CACHE_FOLDER = "cache"
 @dataclass(frozen=True)
 class UnsupervisedData:
     """The images and masks of the unsupervised segmentation: the validation split of `--unsupervised-data`, or of
-    `--seg-data`; `reduce_zero_label` as for the segmentation data; the images' `resolution`."""
+    `--seg-data`; `reduce_zero_label` as for the segmentation data; the images' `resolution`; the training images
+    that CAUSE fits on (`train`, without masks; None: the data has none, or the protocol is k-means)."""
 
     source: str
     val: SegmentationSplit
     reduce_zero_label: bool
     resolution: int
+    train: ImageSource | None = None
 
 
 @dataclass
@@ -94,10 +96,12 @@ def cached_features(
     *,
     with_patches: bool,
     label: str,
+    mirrored: bool = False,
 ) -> dict[str, torch.Tensor] | None:
-    """Return the cached or freshly extracted features of `images` (on the main process; None elsewhere)."""
+    """Return the cached or freshly extracted features of `images`, or of their mirror images when `mirrored` (on
+    the main process; None elsewhere)."""
     patch_size = describe_model(model).patch_size
-    dataset = PreparedImages(images, resolution, patch_size, normalization)
+    dataset = PreparedImages(images, resolution, patch_size, normalization, mirrored)
     key = {"model": fingerprint, "data": dataset.identity(), "patches": with_patches}
     path = context.cache.path("features", key)
     if path is not None and path.is_file():
@@ -128,9 +132,10 @@ def split_features(
     *,
     with_patches: bool,
     purpose: str,
+    mirrored: bool = False,
 ) -> dict[str, dict[str, torch.Tensor] | None]:
     """Return `cached_features` of each named split of `images` (e.g. "train", "val"), its progress bar labelled
-    "`purpose` `name`"."""
+    "`purpose` `name`"; of the mirror images when `mirrored`."""
     return {
         name: cached_features(
             context,
@@ -140,7 +145,8 @@ def split_features(
             resolution,
             normalization,
             with_patches=with_patches,
-            label=f"{purpose} {name}",
+            label=f"{purpose} {name}" + (" (mirrored)" if mirrored else ""),
+            mirrored=mirrored,
         )
         for name, split in images.items()
     }

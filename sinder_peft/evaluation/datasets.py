@@ -372,6 +372,37 @@ def load_segmentation_validation(
     return split, bool(reduce_zero_label)
 
 
+def load_segmentation_training_images(
+    source: str,
+    *,
+    train_split: str = "train",
+    image_column: str = "image",
+    max_train: int | None = None,
+    seed: int = 0,
+) -> ImageSource | None:
+    """Return the training images of segmentation data, without their masks (an unsupervised method fits on them):
+    the images under `train/images` of a folder (None when the folder has none), or the image column of the
+    `train_split` of a 🤗 dataset; at most `max_train` of them (random, seeded).
+
+    Raises:
+        FileNotFoundError, KeyError: the 🤗 dataset or its split or column cannot be found.
+        ValueError: the 🤗 split is empty.
+    """
+    if is_hf_dataset(source):
+        dataset = load_hf_dataset(source, train_split, image_column, streaming=False)
+        if len(dataset) == 0:
+            raise ValueError(f"The split {train_split!r} of the dataset {source!r} is empty.")
+        images: ImageSource = DatasetColumn(dataset, image_column, source, train_split)
+    else:
+        folder = Path(source).expanduser() / TRAIN_FOLDER / IMAGES_FOLDER
+        files = find_image_files(folder) if folder.is_dir() else []
+        if not files:
+            return None
+        images = ImageFiles(files)
+    keep = subsample(len(images), max_train, seed)
+    return images if keep is None else images.select(keep)
+
+
 def load_images(source: str, *, split: str = "validation", image_column: str = "image") -> ImageSource:
     """Return the unlabelled images `source` names: every image under a folder (recursively, sorted), or the image
     column of one split of a 🤗 dataset (a Hub name or a `save_to_disk` directory).

@@ -1,10 +1,11 @@
 """The dense sections of an evaluation beside the segmentation probe, one model at a time: the linear depth probe
-(`--depth-data`) and the unsupervised segmentation (k-means on patch tokens, on the validation masks of
+(`--depth-data`) and the unsupervised segmentation (k-means on patch tokens or CAUSE, on the validation masks of
 `--unsupervised-data` or `--seg-data`). Features go through the cache of `context`; depth maps and masks too.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from ..tuner.architectures import ImageNormalization, describe_model
+from .cause import fit_cause, head_features
 from .clustering import cluster_class_counts, matched_confusion, spherical_kmeans
 from .context import (
     EvaluationContext,
@@ -29,6 +31,8 @@ from .depth_probe import (
     train_linear_depth_probe,
 )
 from .probes import IGNORE_INDEX, intersection_over_union, mean_iou
+
+logger = logging.getLogger(__name__)
 
 
 def _depth_maps(context: EvaluationContext, split: DepthSplit, patch_size: int) -> torch.Tensor:
@@ -172,10 +176,95 @@ def _sampled_tokens(patches: torch.Tensor, limit: int, seed: int) -> torch.Tenso
     return flat[torch.randperm(flat.shape[0], generator=generator)[:limit]]
 
 
+def _kmeans_clusters(
+    context: EvaluationContext, patches: torch.Tensor, clusters: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Return k-means centroids of the validation patch tokens, the tokens they score, and what the section says of
+    them."""
+    args = context.args
+    centroids = spherical_kmeans(
+        _sampled_tokens(patches, args.unsupervised_max_tokens, args.seed),
+        clusters,
+        restarts=args.unsupervised_restarts,
+        seed=args.seed,
+        device=device,
+    )
+    return centroids, patches, {"protocol": "kmeans"}
+
+
+def _cause_clusters(
+    context: EvaluationContext,
+    model: nn.Module,
+    fingerprint: str,
+    normalization: ImageNormalization,
+    patches: torch.Tensor,
+    valid: torch.Tensor,
+    clusters: int,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
+    """Return CAUSE's cluster centroids, the head features of the validation images they score, and what the
+    section says of them (main process; None elsewhere). CAUSE fits on the training images' features, or on the
+    validation images' when the data has no training images."""
+    args, data = context.args, context.unsupervised
+    assert data is not None
+    images = {"train": data.train} if data.train is not None else {}
+    if args.cause_mirror:
+        mirrored = split_features(
+            context,
+            model,
+            fingerprint,
+            {"val": data.val.images},
+            data.resolution,
+            normalization,
+            with_patches=True,
+            purpose="unsupervised",
+            mirrored=True,
+        )["val"]
+    train = split_features(
+        context, model, fingerprint, images, data.resolution, normalization, with_patches=True, purpose="unsupervised"
+    ).get("train")
+    if not context.is_main:
+        return None
+    if train is not None and bool(train["valid"].any()):
+        fit_patches, fit_on = train["patches"][train["valid"]], "train"
+    else:
+        logger.warning("CAUSE fits on the validation images of %s: the data has no training images.", data.source)
+        fit_patches, fit_on = patches, "val"
+    device = model_device(model)
+    head, centroids = fit_cause(
+        fit_patches,
+        clusters,
+        concepts=args.cause_concepts,
+        head_epochs=args.cause_head_epochs,
+        probe_epochs=args.cause_probe_epochs,
+        batch_size=args.cause_batch_size,
+        lr=args.cause_lr,
+        weight_decay=args.cause_weight_decay,
+        max_grad_norm=args.cause_max_grad_norm,
+        seed=args.seed,
+        device=device,
+    )
+    scored = head_features(
+        head,
+        patches,
+        mirrored["patches"][valid] if args.cause_mirror else None,
+        batch_size=args.cause_batch_size,
+        device=device,
+    )
+    details = {
+        "protocol": "cause",
+        "fit_on": fit_on,
+        "num_fit": fit_patches.shape[0],
+        "concepts": args.cause_concepts,
+        "mirrored": args.cause_mirror,
+    }
+    return centroids, scored, details
+
+
 def unsupervised_section(
     context: EvaluationContext, model: nn.Module, fingerprint: str, normalization: ImageNormalization
 ) -> dict[str, Any] | None:
-    """Return the `unsupervised` section of one model (main process; None elsewhere)."""
+    """Return the `unsupervised` section of one model (main process; None elsewhere): k-means or CAUSE clusters
+    (`--unsupervised-protocol`), matched to the classes of the validation masks."""
     args, data = context.args, context.unsupervised
     assert data is not None
     patch_size = describe_model(model).patch_size
@@ -190,21 +279,28 @@ def unsupervised_section(
         with_patches=True,
         purpose="unsupervised",
     )["val"]
-    if not context.is_main:
-        return None
-    valid = features["valid"]
-    patches, masks = features["patches"][valid], masks[valid]
+    valid = features["valid"] if features is not None else None
+    patches = features["patches"][valid] if features is not None else None
+    masks = masks[valid] if valid is not None else masks
     classes = torch.unique(masks)
     classes = classes[classes != IGNORE_INDEX]
     clusters = args.unsupervised_clusters or classes.numel()
-    centroids = spherical_kmeans(
-        _sampled_tokens(patches, args.unsupervised_max_tokens, args.seed),
-        clusters,
-        restarts=args.unsupervised_restarts,
-        seed=args.seed,
-        device=model_device(model),
+    if args.unsupervised_protocol == "cause":
+        fitted = _cause_clusters(context, model, fingerprint, normalization, patches, valid, clusters)
+    else:
+        fitted = _kmeans_clusters(context, patches, clusters, model_device(model)) if context.is_main else None
+    if fitted is None:
+        return None
+    centroids, scored, details = fitted
+    counts = cluster_class_counts(
+        scored,
+        centroids,
+        masks,
+        classes,
+        IGNORE_INDEX,
+        model_device(model),
+        upsample_features=details["protocol"] == "cause",
     )
-    counts = cluster_class_counts(patches, centroids, masks, classes, IGNORE_INDEX, model_device(model))
     confusion = matched_confusion(counts)
     per_class = intersection_over_union(confusion)[: classes.numel()]
     return {
@@ -218,4 +314,5 @@ def unsupervised_section(
         "num_classes": classes.numel(),
         "num_val": int(valid.sum()),
         "resolution": data.resolution,
+        **details,
     }

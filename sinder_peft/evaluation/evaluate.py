@@ -77,7 +77,7 @@ def evaluation_table(results: dict[str, Any]) -> str:
     if any("depth" in entry for entry in entries):
         columns += ["depth RMSE (m)", "depth AbsRel", "depth δ < 1.25"]
     if any("unsupervised" in entry for entry in entries):
-        columns += ["unsupervised mIoU (%)"]
+        columns += ["unsupervised mIoU (%)", "unsupervised pixel accuracy (%)"]
     if any("defects" in entry for entry in entries):
         columns += [
             "max/median norm",
@@ -98,7 +98,8 @@ def evaluation_table(results: dict[str, Any]) -> str:
             depth = entry.get("depth", {})
             row += [_format(depth.get("rmse"), 3), _format(depth.get("abs_rel"), 3), _format(depth.get("delta1"), 3)]
         if "unsupervised mIoU (%)" in columns:
-            row.append(_format(entry.get("unsupervised", {}).get("miou")))
+            unsupervised = entry.get("unsupervised", {})
+            row += [_format(unsupervised.get("miou")), _format(unsupervised.get("pixel_accuracy"))]
         if "max/median norm" in columns:
             defects = entry.get("defects", {})
             row += [
@@ -109,6 +110,10 @@ def evaluation_table(results: dict[str, Any]) -> str:
                 _format(defects.get("images_with_defects")),
             ]
         lines.append("| " + " | ".join(row) + " |")
+    protocols = sorted({entry["unsupervised"]["protocol"] for entry in entries if "unsupervised" in entry})
+    if protocols:
+        named = {"kmeans": "spherical k-means on the patch tokens", "cause": "CAUSE, the SINDER paper's protocol"}
+        lines += ["", "Unsupervised segmentation: " + "; ".join(named[protocol] for protocol in protocols) + "."]
     if headline_k is not None:
         ks = list(next(entry["knn"]["by_k"] for entry in entries if "knn" in entry))
         lines += ["", "## kNN top-1 (%) by k", "", "| model | " + " | ".join(f"k = {k}" for k in ks) + " |"]

@@ -117,17 +117,24 @@ class PreparedImages(Dataset):
     """The images of an `ImageSource` as the backbone reads them: items `{"pixel_values": Tensor[3, S, S]}`.
 
     Every image is resized so its short side is `resolution` and centre-cropped to an S×S square, S = `resolution`
-    rounded down to whole patches (`data.prepare_image(square=True)`). An image that cannot be read gives `None`
-    (logged); the feature extraction leaves it out.
+    rounded down to whole patches (`data.prepare_image(square=True)`), and, when `mirrored`, flipped left–right (the
+    mirror image of the same crop). An image that cannot be read gives `None` (logged); the feature extraction leaves
+    it out.
     """
 
     def __init__(
-        self, images: ImageSource, resolution: int, patch_size: int, normalization: ImageNormalization
+        self,
+        images: ImageSource,
+        resolution: int,
+        patch_size: int,
+        normalization: ImageNormalization,
+        mirrored: bool = False,
     ) -> None:
         self.images = images
         self.resolution = resolution
         self.patch_size = patch_size
         self.normalization = normalization
+        self.mirrored = mirrored
 
     def __len__(self) -> int:
         return len(self.images)
@@ -139,14 +146,16 @@ class PreparedImages(Dataset):
         except (FileNotFoundError, ValueError) as error:
             logger.warning("Skipping %s: %s", self.images.name(index), error)
             return None
-        return {"pixel_values": pixel_values}
+        return {"pixel_values": pixel_values.flip(dims=[-1]) if self.mirrored else pixel_values}
 
     def identity(self) -> dict[str, Any]:
-        """Return what the prepared tensors depend on, for cache keys."""
+        """Return what the prepared tensors depend on, for cache keys (`mirrored` only when set, so that the keys of
+        unmirrored images stay as they were)."""
         return {
             "images": self.images.identity(),
             "resolution": self.resolution,
             "patch_size": self.patch_size,
             "mean": list(self.normalization.mean),
             "std": list(self.normalization.std),
+            **({"mirrored": True} if self.mirrored else {}),
         }

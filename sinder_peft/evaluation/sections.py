@@ -31,7 +31,14 @@ from .context import (
     prepared_masks,
     split_features,
 )
-from .datasets import load_classification_data, load_images, load_segmentation_data, load_segmentation_validation
+from .datasets import (
+    load_classification_data,
+    load_images,
+    load_segmentation_data,
+    load_segmentation_training_images,
+    load_segmentation_validation,
+    subsample,
+)
 from .dense_sections import depth_section, prepare_depth_maps, prepare_unsupervised_masks, unsupervised_section
 from .depth_data import load_depth_data
 from .features import FeatureCache, ProcessState, extract_defect_statistics, model_fingerprint
@@ -114,10 +121,25 @@ def load_context(args: EvaluationArguments, state: ProcessState | None) -> Evalu
             max_val=args.unsupervised_max_val,
             seed=args.seed,
         )
-        unsupervised = UnsupervisedData(args.unsupervised_data, split, reduce_zero_label, unsupervised_resolution)
-    elif segmentation is not None and args.unsupervised:
+        train = None
+        if args.unsupervised_protocol == "cause":
+            train = load_segmentation_training_images(
+                args.unsupervised_data,
+                train_split=args.train_split,
+                image_column=args.image_column,
+                max_train=args.unsupervised_max_train,
+                seed=args.seed,
+            )
         unsupervised = UnsupervisedData(
-            segmentation.source, segmentation.val, segmentation.reduce_zero_label, unsupervised_resolution
+            args.unsupervised_data, split, reduce_zero_label, unsupervised_resolution, train
+        )
+    elif segmentation is not None and args.unsupervised:
+        train = None
+        if args.unsupervised_protocol == "cause":
+            keep = subsample(len(segmentation.train.images), args.unsupervised_max_train, args.seed)
+            train = segmentation.train.images if keep is None else segmentation.train.images.select(keep)
+        unsupervised = UnsupervisedData(
+            segmentation.source, segmentation.val, segmentation.reduce_zero_label, unsupervised_resolution, train
         )
     cache_dir = args.cache_dir or str(Path(args.output_dir) / CACHE_FOLDER)
     return EvaluationContext(

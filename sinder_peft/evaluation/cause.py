@@ -1,0 +1,326 @@
+"""CAUSE's unsupervised segmentation (Kim et al., arXiv 2310.07379) on cached, frozen patch features: the protocol
+behind the SINDER paper's unsupervised segmentation numbers (VOC2012 and Cityscapes mIoU and pixel accuracy).
+
+Three fits on the training images' patch features (their labels are never read), then the scoring:
+
+1. `fit_concept_clusterbook`: `concepts` centroids (2048) of the backbone's tokens, fitted by maximising the soft
+   modularity of every image's token graph (`modularity_loss`; Adam, one epoch);
+2. `train_concept_head`: a `ConceptDecoderHead` and a `ProjectionHead` trained with the concept-wise contrastive
+   loss against an exponential-moving-average teacher of themselves (`concept_contrastive_loss`, a `ConceptBank`;
+   Adam, two epochs); the teacher head is the result;
+3. `fit_cluster_probe`: one centroid per class of the head's features, fitted by modularity (Adam, five epochs,
+   the learning rate halved every two);
+4. `head_features`: the teacher head's features of the validation images, averaged with those of their mirror
+   images (mirrored back); every pixel then takes the centroid of largest cosine to its bilinearly upsampled
+   feature, and clusters are matched to classes by the Hungarian algorithm (`clustering.cluster_class_counts`,
+   `clustering.matched_confusion`).
+
+Every random draw (initialisations, dropout, shuffles, grid samples, bank draws) comes from `seed`. CAUSE's dense-CRF
+post-processing is not applied (see docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .cause_head import ConceptBank, ConceptDecoderHead, ProjectionHead
+from .cause_losses import (
+    concept_contrastive_loss,
+    gather_positions,
+    grid_sample_positions,
+    modularity_loss,
+    nearest_concepts,
+)
+
+logger = logging.getLogger(__name__)
+
+CLUSTERBOOK_LR_DECAY = 0.2
+"""Factor of the clusterbook's learning rate after each epoch."""
+
+PROBE_LR_DECAY = 0.5
+"""Factor of the cluster probe's learning rate every `PROBE_LR_DECAY_EPOCHS` epochs."""
+
+PROBE_LR_DECAY_EPOCHS = 2
+
+FEW_HEAD_STEPS = 100
+"""Below this many head training steps, `fit_cause` warns that the head is barely trained."""
+
+TEACHER_MOMENTUM = 0.99
+"""Exponential-moving-average momentum of the teacher head after each step."""
+
+
+def _uniform_centroids(count: int, channels: int, generator: torch.Generator) -> torch.Tensor:
+    """Return [count, channels] centroids drawn uniformly in [−1/count, 1/count] (CAUSE's initialisation)."""
+    return (torch.rand(count, channels, generator=generator) * 2 - 1) / count
+
+
+def _batches(count: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Return the image indices of one shuffled epoch, in batches of `batch_size`."""
+    return list(torch.randperm(count, generator=generator).split(batch_size))
+
+
+def _flat(features: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Return the patch features [B, h · w, C] of images `index` of [N, h, w, C], as float32 on `device`."""
+    batch = features[index].to(device=device, dtype=torch.float32)
+    return batch.reshape(batch.shape[0], -1, batch.shape[-1])
+
+
+def _check_features(features: torch.Tensor, batch_size: int, epochs: int, lr: float) -> None:
+    """Raise ValueError unless `features` is a non-empty [N, h, w, C] grid and the settings are positive."""
+    if features.dim() != 4 or features.shape[0] == 0:
+        raise ValueError(f"Need patch features [N, h, w, C] of at least one image, got {tuple(features.shape)}.")
+    if batch_size < 1 or epochs < 1 or lr <= 0:
+        raise ValueError(f"Need batch_size ≥ 1, epochs ≥ 1 and lr > 0, got {batch_size}, {epochs}, {lr}.")
+
+
+def fit_concept_clusterbook(
+    features: torch.Tensor,
+    concepts: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    device: torch.device,
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """Return the [concepts, C] clusterbook of the patch features [N, h, w, C]: centroids maximising the soft
+    modularity of each image's grid-sampled tokens (Adam at `lr`, times 0.2 after each epoch)."""
+    _check_features(features, batch_size, epochs, lr)
+    if concepts < 2:
+        raise ValueError(f"A clusterbook needs at least two concepts, got {concepts}.")
+    height, width = features.shape[1:3]
+    codebook = _uniform_centroids(concepts, features.shape[-1], generator).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([codebook], lr=lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=CLUSTERBOOK_LR_DECAY)
+    steps = epochs * math.ceil(features.shape[0] / batch_size)
+    with tqdm(total=steps, desc="CAUSE clusterbook", unit="step", disable=not show_progress) as progress:
+        for _ in range(epochs):
+            for index in _batches(features.shape[0], batch_size, generator):
+                positions = grid_sample_positions(index.numel(), height, width, generator)
+                loss = modularity_loss(gather_positions(_flat(features, index, device), positions), codebook)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                progress.update()
+            scheduler.step()
+    logger.info("CAUSE clusterbook: %d concepts, last modularity %.4f.", concepts, -float(loss.detach()))
+    return codebook.detach()
+
+
+def _momentum_update(teacher: nn.Module, student: nn.Module) -> None:
+    """Move every teacher parameter towards the student's: t ← m t + (1 − m) s."""
+    with torch.no_grad():
+        for teacher_parameter, student_parameter in zip(teacher.parameters(), student.parameters(), strict=True):
+            teacher_parameter.mul_(TEACHER_MOMENTUM).add_(student_parameter, alpha=1 - TEACHER_MOMENTUM)
+
+
+def train_concept_head(
+    features: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    max_grad_norm: float,
+    generator: torch.Generator,
+    device: torch.device,
+    show_progress: bool = True,
+) -> ConceptDecoderHead:
+    """Train CAUSE's segmentation head on the patch features [N, h, w, C] and return the teacher head (eval mode).
+
+    Each step: the teacher (head and projection, with dropout, no gradient) and the student project the batch; on
+    one random token per 4×4 cell, the student's projections are pulled towards the teacher's of tokens with a
+    similar concept and pushed from those with a dissimilar one, in the batch and in the bank
+    (`concept_contrastive_loss`); Adam (`lr`, `weight_decay`) after clipping the gradient norm to `max_grad_norm`;
+    then the teacher moves towards the student (momentum 0.99) and half the teacher tokens of each concept enter the
+    bank.
+    """
+    _check_features(features, batch_size, epochs, lr)
+    height, width = features.shape[1:3]
+    codebook = codebook.to(device)
+    head = ConceptDecoderHead(codebook, height * width).to(device)
+    projection = ProjectionHead().to(device)
+    teacher_head, teacher_projection = copy.deepcopy(head), copy.deepcopy(projection)
+    for module in (teacher_head, teacher_projection):
+        module.requires_grad_(False)
+    parameters = [*head.parameters(), *projection.parameters()]
+    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    bank = ConceptBank(codebook)
+    steps = epochs * math.ceil(features.shape[0] / batch_size)
+    losses = []
+    with tqdm(total=steps, desc="CAUSE head", unit="step", disable=not show_progress) as progress:
+        for _ in range(epochs):
+            for index in _batches(features.shape[0], batch_size, generator):
+                tokens = _flat(features, index, device)
+                with torch.no_grad():
+                    teacher = teacher_projection(teacher_head(tokens))
+                student = projection(head(tokens))
+                positions = grid_sample_positions(index.numel(), height, width, generator)
+                sampled_tokens = gather_positions(tokens, positions)
+                sampled_teacher = gather_positions(teacher, positions)
+                concept_index = nearest_concepts(sampled_tokens, codebook)
+                stored = bank.contents()
+                loss = concept_contrastive_loss(
+                    gather_positions(student, positions),
+                    sampled_teacher,
+                    codebook[concept_index],
+                    *(stored if stored is not None else (None, None)),
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+                optimizer.step()
+                _momentum_update(teacher_head, head)
+                _momentum_update(teacher_projection, projection)
+                bank.add(concept_index.reshape(-1), sampled_teacher.reshape(-1, sampled_teacher.shape[-1]), generator)
+                losses.append(float(loss.detach()))
+                progress.update()
+    logger.info("CAUSE head: contrastive loss %.4f at the first step, %.4f at the last.", losses[0], losses[-1])
+    return teacher_head.eval()
+
+
+def fit_cluster_probe(
+    features: torch.Tensor,
+    head: ConceptDecoderHead,
+    clusters: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    device: torch.device,
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """Return [clusters, `HEAD_DIM`] unit-norm centroids of the head's features of the patch features [N, h, w, C]:
+    the head in training mode (with dropout, as CAUSE), one random token per 4×4 cell, centroids maximising the
+    soft modularity (Adam at `lr`, halved every two epochs)."""
+    _check_features(features, batch_size, epochs, lr)
+    if clusters < 2:
+        raise ValueError(f"Need at least two clusters, got {clusters}.")
+    height, width = features.shape[1:3]
+    centroids = _uniform_centroids(clusters, head.linear_out.out_features, generator).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([centroids], lr=lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=PROBE_LR_DECAY_EPOCHS, gamma=PROBE_LR_DECAY)
+    head.train()
+    steps = epochs * math.ceil(features.shape[0] / batch_size)
+    with tqdm(total=steps, desc="CAUSE cluster probe", unit="step", disable=not show_progress) as progress:
+        for _ in range(epochs):
+            for index in _batches(features.shape[0], batch_size, generator):
+                with torch.no_grad():
+                    head_tokens = head(_flat(features, index, device))
+                positions = grid_sample_positions(index.numel(), height, width, generator)
+                loss = modularity_loss(gather_positions(head_tokens, positions), centroids)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                progress.update()
+            scheduler.step()
+    head.eval()
+    logger.info("CAUSE cluster probe: %d clusters, last modularity %.4f.", clusters, -float(loss.detach()))
+    return nn.functional.normalize(centroids.detach(), dim=-1).cpu()
+
+
+def head_features(
+    head: ConceptDecoderHead,
+    features: torch.Tensor,
+    mirrored: torch.Tensor | None,
+    *,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Return the head's features [N, h, w, `HEAD_DIM`] (float32, CPU) of patch features [N, h, w, C], averaged with
+    those of the mirror images' features `mirrored` (flipped back left–right) when given."""
+    if mirrored is not None and mirrored.shape != features.shape:
+        raise ValueError(f"Mirrored features {tuple(mirrored.shape)} differ from {tuple(features.shape)}.")
+    height, width = features.shape[1:3]
+    head.eval()
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, features.shape[0], batch_size):
+            index = torch.arange(start, min(start + batch_size, features.shape[0]))
+            result = head(_flat(features, index, device)).reshape(index.numel(), height, width, -1)
+            if mirrored is not None:
+                flipped = head(_flat(mirrored, index, device)).reshape(index.numel(), height, width, -1)
+                result = (result + flipped.flip(dims=[2])) / 2
+            outputs.append(result.cpu())
+    return torch.cat(outputs)
+
+
+def fit_cause(
+    train_features: torch.Tensor,
+    clusters: int,
+    *,
+    concepts: int,
+    head_epochs: int,
+    probe_epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    max_grad_norm: float,
+    seed: int,
+    device: torch.device | str = "cpu",
+    show_progress: bool = True,
+) -> tuple[ConceptDecoderHead, torch.Tensor]:
+    """Run CAUSE's three fits on the training patch features [N, h, w, C] and return the trained head (eval mode)
+    and its [clusters, `HEAD_DIM`] unit-norm cluster centroids. Every random draw comes from `seed`; the global
+    random state is left as it was.
+
+    Raises:
+        ValueError: the features are empty or a setting is out of range.
+    """
+    device = torch.device(device)
+    head_steps = head_epochs * math.ceil(train_features.shape[0] / max(batch_size, 1))
+    if head_steps < FEW_HEAD_STEPS:
+        logger.warning(
+            "CAUSE trains its head for %d step(s) only (%d images, %d epochs of %d): far fewer than the thousands of "
+            "its published setting, so the clusters may be those of a nearly untrained head.",
+            head_steps,
+            train_features.shape[0],
+            head_epochs,
+            batch_size,
+        )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        codebook = fit_concept_clusterbook(
+            train_features,
+            concepts,
+            epochs=1,
+            batch_size=batch_size,
+            lr=lr,
+            generator=generator,
+            device=device,
+            show_progress=show_progress,
+        )
+        head = train_concept_head(
+            train_features,
+            codebook,
+            epochs=head_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            generator=generator,
+            device=device,
+            show_progress=show_progress,
+        )
+        centroids = fit_cluster_probe(
+            train_features,
+            head,
+            clusters,
+            epochs=probe_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            generator=generator,
+            device=device,
+            show_progress=show_progress,
+        )
+    return head, centroids

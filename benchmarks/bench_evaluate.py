@@ -15,7 +15,9 @@ probe with the default recipe of `EvaluationArguments`, trained on `--probe-imag
 (`--probe-resolution` px, `--probe-classes` classes) and scored on as many. On the same features, the linear depth
 probe (default recipe and head, and the `bins` head), trained and scored on depth maps of the same size (goal: no
 more per pixel than the segmentation probe), and the unsupervised segmentation (k-means and scoring, on the scored
-images).
+images). With `--parts cause`, CAUSE's three fits (default recipe of `EvaluationArguments`) on the patch features of
+`--cause-images` synthetic images, and the head's features of as many scored images with their mirror images:
+seconds per step of each fit, per scored image.
 
 Usage:
     python benchmarks/bench_evaluate.py --threads 1 --model-size b --output results/evaluate_vitb_cpu.json
@@ -46,6 +48,12 @@ from common import (
 from PIL import Image
 
 from sinder_peft.evaluation.arguments import EvaluationArguments
+from sinder_peft.evaluation.cause import (
+    fit_cluster_probe,
+    fit_concept_clusterbook,
+    head_features,
+    train_concept_head,
+)
 from sinder_peft.evaluation.clustering import cluster_class_counts, matched_confusion, spherical_kmeans
 from sinder_peft.evaluation.depth_probe import (
     depth_bin_centres,
@@ -85,8 +93,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--probe-resolution", type=int, default=224)
     parser.add_argument("--probe-classes", type=int, default=150)
     parser.add_argument(
-        "--parts", nargs="+", choices=("extraction", "probes"), default=["extraction", "probes"], help="what to time"
+        "--parts",
+        nargs="+",
+        choices=("extraction", "probes", "cause"),
+        default=["extraction", "probes"],
+        help="what to time",
     )
+    parser.add_argument("--cause-images", type=int, default=200, help="training and scored images of --parts cause")
     parser.add_argument("--quick", action="store_true", help="tiny model, few images (for tests)")
     parser.add_argument("--output", default="evaluate.json")
     add_threads_argument(parser)
@@ -95,7 +108,72 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.model_size, args.images, args.image_size, args.resolution = "tiny", 6, (80, 60), 56
         args.batch_size, args.num_workers, args.warmup, args.repeats = 4, 0, 0, 1
         args.probe_images, args.probe_resolution, args.probe_classes = 24, 56, 5
+        args.cause_images = 8
     return args
+
+
+def cause_fits(args: argparse.Namespace, hidden_size: int) -> dict[str, Any]:
+    """Time CAUSE's three fits and the head's scoring features on synthetic patch features (`--cause-images`
+    training and as many scored images of `--probe-resolution` px, float16 as cached, 21 clusters as VOC)."""
+    recipe = EvaluationArguments(output_dir="unused")
+    side = args.probe_resolution // PATCH_SIZE
+    generator = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(21, hidden_size, generator=generator)
+    labels = torch.randint(21, (2 * args.cause_images, side, side), generator=generator)
+    noise = torch.randn(2 * args.cause_images, side, side, hidden_size, generator=generator)
+    features = (prototypes[labels] + noise).half()
+    train, scored = features[: args.cause_images], features[args.cause_images :]
+    device = torch.device(args.device)
+    timed: dict[str, Any] = {"images": args.cause_images, "patches": side * side}
+    steps_per_epoch = -(-args.cause_images // recipe.cause_batch_size)
+    synchronize(device)
+    start = time.perf_counter()
+    codebook = fit_concept_clusterbook(
+        train,
+        recipe.cause_concepts,
+        epochs=1,
+        batch_size=recipe.cause_batch_size,
+        lr=recipe.cause_lr,
+        generator=generator,
+        device=device,
+        show_progress=False,
+    )
+    synchronize(device)
+    timed["clusterbook_s_per_step"] = (time.perf_counter() - start) / steps_per_epoch
+    start = time.perf_counter()
+    head = train_concept_head(
+        train,
+        codebook,
+        epochs=recipe.cause_head_epochs,
+        batch_size=recipe.cause_batch_size,
+        lr=recipe.cause_lr,
+        weight_decay=recipe.cause_weight_decay,
+        max_grad_norm=recipe.cause_max_grad_norm,
+        generator=generator,
+        device=device,
+        show_progress=False,
+    )
+    synchronize(device)
+    timed["head_s_per_step"] = (time.perf_counter() - start) / (recipe.cause_head_epochs * steps_per_epoch)
+    start = time.perf_counter()
+    fit_cluster_probe(
+        train,
+        head,
+        21,
+        epochs=recipe.cause_probe_epochs,
+        batch_size=recipe.cause_batch_size,
+        lr=recipe.cause_lr,
+        generator=generator,
+        device=device,
+        show_progress=False,
+    )
+    synchronize(device)
+    timed["probe_s_per_step"] = (time.perf_counter() - start) / (recipe.cause_probe_epochs * steps_per_epoch)
+    start = time.perf_counter()
+    head_features(head, scored, scored.flip(dims=[2]), batch_size=recipe.cause_batch_size, device=device)
+    synchronize(device)
+    timed["scoring_features_s_per_image"] = (time.perf_counter() - start) / args.cause_images
+    return timed
 
 
 def write_photos(directory: Path, count: int, size: tuple[int, int]) -> list[Path]:
@@ -324,6 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             paths = write_photos(Path(directory), args.images, tuple(args.image_size))
             measured = extraction(args, model, paths)
     probe_times = probes(args, shape.hidden_size) if "probes" in args.parts else {}
+    cause_times = cause_fits(args, shape.hidden_size) if "cause" in args.parts else {}
     payload = {
         "benchmark": "evaluate",
         "args": vars(args),
@@ -331,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": shape.name,
         "extraction": measured,
         "probes": probe_times,
+        "cause": cause_times,
     }
     if measured:
         print(f"## Feature extraction, {shape.name}, {args.images} images at {args.resolution} px, {args.device}\n")
@@ -355,6 +435,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(format_table(["probe", "train (µs/pixel)", "score (µs/pixel)"], rows) + "\n")
         unsupervised = probe_times["unsupervised"]
         print(f"unsupervised: k-means {unsupervised['kmeans_s']:.2f} s, scoring {unsupervised['score_s']:.2f} s\n")
+    if cause_times:
+        print(f"## CAUSE, {cause_times['images']} images of {cause_times['patches']} patches, {args.device}\n")
+        rows = [
+            ["clusterbook, per step", cause_times["clusterbook_s_per_step"]],
+            ["head, per step", cause_times["head_s_per_step"]],
+            ["cluster probe, per step", cause_times["probe_s_per_step"]],
+            ["scoring features, per image (with its mirror)", cause_times["scoring_features_s_per_image"]],
+        ]
+        print(format_table(["CAUSE", "seconds"], rows) + "\n")
     write_json(args.output, payload)
     print(f"Wrote {args.output}")
     return payload

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from conftest import tiny_dinov2
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from test_evaluate import FAST, SEG_SIZE, write_seg_folder, zeroed_model
+from test_trainer import launch_two_processes
 
 from sinder_peft.evaluation.arguments import EvaluationArguments
 from sinder_peft.evaluation.cause import fit_cause, head_features
@@ -29,7 +32,7 @@ from sinder_peft.evaluation.cause_losses import (
     grid_sample_positions,
     modularity_loss,
 )
-from sinder_peft.evaluation.evaluate import evaluate_models
+from sinder_peft.evaluation.evaluate import evaluate_models, run_evaluation
 from sinder_peft.tuner.architectures import ImageNormalization
 
 CAUSE_FAST = {
@@ -37,6 +40,7 @@ CAUSE_FAST = {
     "cause_head_epochs": 10,
     "cause_batch_size": 8,
     "cause_probe_epochs": 50,
+    "cause_crf_processes": 0,
 }
 """Enough steps for the head and the probe on 15 training images (the published setting assumes thousands)."""
 
@@ -198,10 +202,30 @@ def plain_features(model: torch.nn.Module, folder: Path, mirrored: bool) -> torc
     return torch.stack(patches)
 
 
+def crf_refined(pictures: np.ndarray, cosine: torch.Tensor) -> np.ndarray:
+    """CAUSE's dense CRF written out with pydensecrf directly: softmax of 3 × the cosines, `unary_from_softmax`,
+    a Gaussian (sxy 1, compat 3) and a bilateral (sxy 67, srgb 3, compat 4) kernel, 10 iterations, argmax."""
+    import pydensecrf.densecrf as densecrf
+    from pydensecrf.utils import unary_from_softmax
+
+    labels = []
+    for picture, scores in zip(pictures, cosine, strict=True):
+        probabilities = torch.softmax(scores * 3, dim=0).numpy()
+        crf = densecrf.DenseCRF2D(picture.shape[1], picture.shape[0], probabilities.shape[0])
+        crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probabilities)))
+        crf.addPairwiseGaussian(sxy=1, compat=3)
+        crf.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(picture.copy()), compat=4)
+        labels.append(np.array(crf.inference(10)).reshape(probabilities.shape).argmax(axis=0))
+    return np.stack(labels)
+
+
 def test_cause_section_equals_an_independent_scoring(cause_evaluated: dict, seg_root: Path) -> None:
     """Refit CAUSE with the same seed on features from plain forward passes, then score it here: the head's
-    features averaged with the mirror images' (flipped back), upsampled bilinearly, each pixel's nearest centroid
-    by cosine, scipy's Hungarian matching and IoUs by hand give the section's mIoU and pixel accuracy."""
+    features averaged with the mirror images' (flipped back), upsampled bilinearly, every pixel's cosine to the
+    centroids refined by the dense CRF (pydensecrf called directly), scipy's Hungarian matching and IoUs by hand
+    give the section's mIoU and pixel accuracy."""
+    from sinder_peft.images.preprocessing import load_image, resize_and_crop
+
     model = cause_evaluated["good"]
     train = plain_features(model, seg_root / "train" / "images", mirrored=False)
     val = plain_features(model, seg_root / "val" / "images", mirrored=False)
@@ -229,14 +253,17 @@ def test_cause_section_equals_an_independent_scoring(cause_evaluated: dict, seg_
         features.permute(0, 3, 1, 2), size=(SEG_SIZE, SEG_SIZE), mode="bilinear", align_corners=False
     )
     unit = upsampled / upsampled.norm(dim=1, keepdim=True)
-    assigned = torch.einsum("bchw,kc->bkhw", unit, centroids / centroids.norm(dim=1, keepdim=True)).argmax(1)
-    stems = [path.stem for path in sorted((seg_root / "val" / "images").iterdir())]
-    truth = np.stack([np.array(Image.open(seg_root / "val" / "masks" / f"{stem}.png")) for stem in stems])
+    cosine = torch.einsum("bchw,kc->bkhw", unit, centroids / centroids.norm(dim=1, keepdim=True))
+    paths = sorted((seg_root / "val" / "images").iterdir())
+    pictures = np.stack([np.array(resize_and_crop(load_image(path), SEG_SIZE, 14, square=True)) for path in paths])
+    assigned = crf_refined(pictures, cosine)
+    assert (assigned != cosine.argmax(1).numpy()).any()  # the CRF changed some pixels
+    truth = np.stack([np.array(Image.open(seg_root / "val" / "masks" / f"{path.stem}.png")) for path in paths])
     counts = np.zeros((3, 3), dtype=np.int64)
-    np.add.at(counts, (assigned.numpy().ravel(), truth.ravel()), 1)
+    np.add.at(counts, (assigned.ravel(), truth.ravel()), 1)
     clusters, classes = linear_sum_assignment(counts, maximize=True)
     predicted = dict(zip(clusters.tolist(), classes.tolist(), strict=True))
-    predicted_map = np.vectorize(predicted.get)(assigned.numpy())
+    predicted_map = np.vectorize(predicted.get)(assigned)
     ious = [
         100
         * np.logical_and(predicted_map == c, truth == c).sum()
@@ -246,6 +273,31 @@ def test_cause_section_equals_an_independent_scoring(cause_evaluated: dict, seg_
     section = cause_evaluated["results"]["models"][0]["unsupervised"]
     assert section["miou"] == pytest.approx(np.mean(ious), abs=1e-6)
     assert section["pixel_accuracy"] == pytest.approx(100 * (predicted_map == truth).mean(), abs=1e-6)
+
+
+def test_the_dense_crf_cleans_isolated_wrong_pixels() -> None:
+    """Two flat colour halves, cluster scores that favour the right cluster by a little, with 5 % of the pixels
+    flipped to favour the wrong one: the CRF gives every pixel its half's cluster; the ranking is kept where the
+    scores agree with the colours; a picture of the wrong size is refused."""
+    from sinder_peft.evaluation.cause import cause_cluster_maps
+
+    picture = np.zeros((40, 40, 3), dtype=np.uint8)
+    picture[:, 20:] = 200
+    truth = np.zeros((40, 40), dtype=np.int64)
+    truth[:, 20:] = 1
+    rng = np.random.default_rng(0)
+    noisy = np.where(rng.random((40, 40)) < 0.05, 1 - truth, truth)
+    features = torch.nn.functional.one_hot(torch.from_numpy(noisy), 2).float() * 0.3 + 0.5  # cosine gap ~0.3
+    centroids = torch.eye(2)
+    plain = cause_cluster_maps(features[None], centroids, (40, 40))
+    assert (plain[0].numpy() != truth).mean() > 0.03
+    refined = cause_cluster_maps(features[None], centroids, (40, 40), [picture])
+    assert (refined[0].numpy() == truth).all()
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pooled = cause_cluster_maps(features[None].repeat(3, 1, 1, 1), centroids, (40, 40), [picture] * 3, "cpu", pool)
+    assert torch.equal(pooled, refined.repeat(3, 1, 1))
+    with pytest.raises(ValueError, match="uint8 picture of shape"):
+        cause_cluster_maps(features[None], centroids, (40, 40), [picture[:30]])
 
 
 def test_cause_without_training_images_fits_on_the_validation_images(seg_root: Path, tmp_path: Path) -> None:
@@ -266,7 +318,29 @@ def test_cause_without_training_images_fits_on_the_validation_images(seg_root: P
     assert entry["unsupervised"]["fit_on"] == "train" and entry["unsupervised"]["num_fit"] == 4
 
 
+def test_a_missing_pydensecrf_is_reported_before_any_model_runs(
+    seg_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without pydensecrf, `--cause-crf` (the default) fails at once, saying how to install it or turn it off; with
+    `--cause-crf false` the section says it ran without."""
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    model = zeroed_model()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    args = EvaluationArguments(output_dir=str(tmp_path / "out"), unsupervised_data=str(seg_root), **FAST, **CAUSE_FAST)
+    with pytest.raises(ImportError, match=r"pip install pydensecrf2 \(or sinder-peft\[crf\]\), or pass --cause-crf"):
+        evaluate_models([("blind", model, ImageNormalization())], args)
+    assert not calls
+    settings = {**FAST, **CAUSE_FAST, "cause_head_epochs": 1, "cause_probe_epochs": 1, "cause_crf": False}
+    args = EvaluationArguments(output_dir=str(tmp_path / "out2"), unsupervised_data=str(seg_root), **settings)
+    (entry,) = evaluate_models([("blind", model, ImageNormalization())], args)["models"]
+    assert entry["unsupervised"]["crf"] is False
+
+
 def test_cause_settings_are_checked_and_reach_the_command_line(seg_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--cause-crf-processes must be 0 or more"):
+        EvaluationArguments(output_dir="x", cause_crf_processes=-1)
     with pytest.raises(ValueError, match="--cause-concepts must be at least 2"):
         EvaluationArguments(output_dir="x", cause_concepts=1)
     with pytest.raises(ValueError, match="--cause-lr > 0"):
@@ -284,5 +358,27 @@ def test_cause_settings_are_checked_and_reach_the_command_line(seg_root: Path, t
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
     section = json.loads((tmp_path / "cli" / "evaluation.json").read_text())["models"][0]["unsupervised"]
-    assert section["protocol"] == "cause" and section["num_fit"] == 15
+    assert section["protocol"] == "cause" and section["num_fit"] == 15 and section["crf"] is True
     assert "trains its head for 1 step(s) only (15 images, 1 epochs of 16)" in completed.stderr
+
+
+def test_two_processes_give_the_section_of_one(seg_root: Path, tmp_path: Path) -> None:
+    """`examples/evaluate.py` in two processes (gloo on the CPU; the training, validation and mirrored features
+    extracted in shares of 8 + 7 and 4 + 3 images) writes the CAUSE section that one process writes: CAUSE fits
+    and scores on the main process alone, from the gathered features."""
+    settings = ["--unsupervised-protocol", "cause", "--cause-head-epochs", "2", "--cause-probe-epochs", "2"]
+    settings += ["--cause-batch-size", "8", "--cause-crf-processes", "0", "--num-workers", "0"]
+    settings += ["--unsupervised-resolution", str(SEG_SIZE)]
+    arguments = ["demo", "--unsupervised-data", str(seg_root), *settings, "--defect-max-images", "0"]
+    launch_two_processes(["examples/evaluate.py", *arguments, "--output-dir", str(tmp_path / "two")])
+    two = json.loads((tmp_path / "two" / "evaluation.json").read_text())["models"][0]["unsupervised"]
+    args = EvaluationArguments(
+        output_dir=str(tmp_path / "one"),
+        unsupervised_data=str(seg_root),
+        defect_max_images=0,
+        **{**FAST, **CAUSE_FAST, "cause_head_epochs": 2, "cause_probe_epochs": 2},
+    )
+    one = run_evaluation(["demo"], args)["models"][0]["unsupervised"]
+    assert two["protocol"] == one["protocol"] == "cause" and two["num_fit"] == one["num_fit"] == 15
+    assert two["miou"] == pytest.approx(one["miou"], abs=1e-3)
+    assert two["pixel_accuracy"] == pytest.approx(one["pixel_accuracy"], abs=1e-3)

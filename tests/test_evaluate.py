@@ -385,10 +385,11 @@ def test_benchmark_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     module = load_benchmark("bench_evaluate", monkeypatch)
     threads = torch.get_num_threads()
     try:
-        result = module.main(["--quick", "--threads", "1", "--output", str(tmp_path / "evaluate.json")])
+        parts = ["--parts", "extraction", "probes", "cause"]
+        result = module.main(["--quick", "--threads", "1", *parts, "--output", str(tmp_path / "e.json")])
     finally:
         torch.set_num_threads(threads)
-    assert json.loads((tmp_path / "evaluate.json").read_text())["benchmark"] == "evaluate"
+    assert json.loads((tmp_path / "e.json").read_text())["benchmark"] == "evaluate"
     assert set(result["extraction"]) == {"plain", "extract (CLS)", "extract (CLS + patches)"}
     assert result["extraction"]["plain"]["throughput_vs_plain"] == 1
     assert all(entry["images_per_s"] > 0 for entry in result["extraction"].values())
@@ -397,6 +398,7 @@ def test_benchmark_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         assert result["probes"][head]["train_us_per_pixel"] > 0 and result["probes"][head]["rmse"] >= 0
     assert result["probes"]["unsupervised"]["kmeans_s"] > 0
     assert set(result["probes"]["knn_top1_by_k"]) == {10, 20, 100, 200}
+    assert result["cause"]["images"] == 8 and result["cause"]["head_s_per_step"] > 0
 
 
 def test_repair_ends_with_an_evaluation_of_the_original_and_the_repaired_model(

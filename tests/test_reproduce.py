@@ -27,7 +27,7 @@ SMALL_REPAIR = ["--max-steps", "60"]  # enough for the paper recipe to repair th
 SMALL_EVALUATION = [
     "--knn-resolution", "56", "--seg-resolution", "112", "--depth-resolution", "112",
     "--unsupervised-resolution", "112", "--defect-resolution", "112", "--batch-size", "8", "--num-workers", "0",
-    "--depth-epochs", "5", "--seg-epochs", "3",
+    "--depth-epochs", "5", "--seg-epochs", "3", "--cause-crf-processes", "0",
 ]  # fmt: skip
 
 

@@ -207,6 +207,14 @@ class EvaluationArguments(ModelKwargsArguments):
     cause_max_grad_norm: float = field(
         default=2.0, metadata={"help": "cause: gradient-norm clip of the head (CAUSE: 1 for Cityscapes)"}
     )
+    cause_crf: bool = field(
+        default=True,
+        metadata={"help": "cause: refine the cluster maps with CAUSE's dense CRF (needs pip install pydensecrf2)"},
+    )
+    cause_crf_processes: int | None = field(
+        default=None,
+        metadata={"help": "cause: processes that run the dense CRF (default: one per CPU core; 0: this process)"},
+    )
     cause_mirror: bool = field(
         default=True,
         metadata={"help": "cause: average the head's features of each validation image and its mirror image"},
@@ -264,6 +272,8 @@ class EvaluationArguments(ModelKwargsArguments):
                 f"Need --cause-lr > 0, --cause-weight-decay ≥ 0 and --cause-max-grad-norm > 0, got {self.cause_lr}, "
                 f"{self.cause_weight_decay} and {self.cause_max_grad_norm}."
             )
+        if self.cause_crf_processes is not None and self.cause_crf_processes < 0:
+            raise ValueError(f"--cause-crf-processes must be 0 or more, got {self.cause_crf_processes}.")
         for name in ("unsupervised_resolution", "unsupervised_clusters", "unsupervised_max_train"):
             value = getattr(self, name)
             if value is not None and value < 1:

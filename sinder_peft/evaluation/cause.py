@@ -11,20 +11,25 @@ Three fits on the training images' patch features (their labels are never read),
 3. `fit_cluster_probe`: one centroid per class of the head's features, fitted by modularity (Adam, five epochs,
    the learning rate halved every two);
 4. `head_features`: the teacher head's features of the validation images, averaged with those of their mirror
-   images (mirrored back); every pixel then takes the centroid of largest cosine to its bilinearly upsampled
-   feature, and clusters are matched to classes by the Hungarian algorithm (`clustering.cluster_class_counts`,
-   `clustering.matched_confusion`).
+   images (mirrored back);
+5. `cause_cluster_maps`: every pixel's feature (bilinearly upsampled) scored by its cosine to each centroid, the
+   log-softmax of 3 × these refined by the dense CRF (`dense_crf`, optional), then the best cluster;
+   `cause_class_counts` counts them per class for the Hungarian matching (`clustering.matched_confusion`).
 
-Every random draw (initialisations, dropout, shuffles, grid samples, bank draws) comes from `seed`. CAUSE's dense-CRF
-post-processing is not applied (see docs/evaluation.md).
+Every random draw (initialisations, dropout, shuffles, grid samples, bank draws) comes from `seed`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -37,6 +42,8 @@ from .cause_losses import (
     modularity_loss,
     nearest_concepts,
 )
+from .clustering import class_lookup, map_class_counts
+from .dense_crf import dense_crf_labels
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +57,9 @@ PROBE_LR_DECAY_EPOCHS = 2
 
 FEW_HEAD_STEPS = 100
 """Below this many head training steps, `fit_cause` warns that the head is barely trained."""
+
+CRF_LOGIT_SCALE = 3.0
+"""The cosines to the centroids are multiplied by this before the log-softmax that the dense CRF refines."""
 
 TEACHER_MOMENTUM = 0.99
 """Exponential-moving-average momentum of the teacher head after each step."""
@@ -252,6 +262,69 @@ def head_features(
                 result = (result + flipped.flip(dims=[2])) / 2
             outputs.append(result.cpu())
     return torch.cat(outputs)
+
+
+def cause_cluster_maps(
+    features: torch.Tensor,
+    centroids: torch.Tensor,
+    map_size: tuple[int, int],
+    pictures: list[np.ndarray] | None = None,
+    device: torch.device | str = "cpu",
+    executor: Executor | None = None,
+) -> torch.Tensor:
+    """Return the cluster of every pixel [B, H, W] of head features [B, h, w, E]: the features upsampled bilinearly
+    to `map_size`, each pixel's cosine to the unit-norm `centroids` [K, E]; with `pictures` (one [H, W, 3] uint8
+    RGB image per map, as the model saw it) the log-softmax of `CRF_LOGIT_SCALE` × the cosines is refined by the
+    dense CRF (in `executor`'s processes when given); then the cluster of largest score."""
+    grid = features.to(device).float().permute(0, 3, 1, 2)
+    upsampled = nn.functional.interpolate(grid, size=map_size, mode="bilinear", align_corners=False)
+    cosine = torch.einsum("bchw,kc->bkhw", nn.functional.normalize(upsampled, dim=1), centroids.to(device).float())
+    if pictures is None:
+        return cosine.argmax(dim=1)
+    if len(pictures) != features.shape[0]:
+        raise ValueError(f"Need one picture per map, got {len(pictures)} for {features.shape[0]}.")
+    log_probabilities = list(torch.log_softmax(cosine * CRF_LOGIT_SCALE, dim=1).cpu().numpy())
+    labels = (executor.map if executor is not None else map)(dense_crf_labels, pictures, log_probabilities)
+    return torch.from_numpy(np.stack(list(labels))).to(device)
+
+
+def cause_class_counts(
+    features: torch.Tensor,
+    centroids: torch.Tensor,
+    masks: torch.Tensor,
+    classes: torch.Tensor,
+    ignore_index: int,
+    *,
+    picture: Callable[[int], np.ndarray] | None,
+    batch_size: int,
+    crf_processes: int = 0,
+    device: torch.device | str = "cpu",
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """Return [clusters, len(classes)] int64 pixel counts of `cause_cluster_maps` of head features [N, h, w, E]
+    against [N, H, W] `masks` (non-ignored pixels), `picture(i)` giving image i's pixels for the dense CRF (None:
+    no CRF), which runs in `crf_processes` new processes (0: in this one).
+
+    Raises:
+        ValueError: a mask holds a label that is neither in `classes` nor `ignore_index`.
+    """
+    clusters = centroids.shape[0]
+    lookup = class_lookup(masks, classes, ignore_index)
+    map_size = (masks.shape[1], masks.shape[2])
+    counts = torch.zeros(clusters, classes.numel(), dtype=torch.int64)
+    description = "CAUSE scoring" + (" (dense CRF)" if picture is not None else "")
+    progress = tqdm(total=features.shape[0], desc=description, unit="img", disable=not show_progress)
+    use_pool = picture is not None and crf_processes > 0
+    # "spawn": the CRF processes start clean, not as forks of a process that runs threads
+    pool = ProcessPoolExecutor(crf_processes, mp_context=multiprocessing.get_context("spawn")) if use_pool else None
+    with torch.no_grad(), progress as bar, pool if pool is not None else contextlib.nullcontext():
+        for start in range(0, features.shape[0], batch_size):
+            stop = min(start + batch_size, features.shape[0])
+            pictures = [picture(index) for index in range(start, stop)] if picture is not None else None
+            assigned = cause_cluster_maps(features[start:stop], centroids, map_size, pictures, device, pool)
+            counts += map_class_counts(assigned, masks[start:stop], lookup, clusters, ignore_index)
+            bar.update(stop - start)
+    return counts
 
 
 def fit_cause(

@@ -105,24 +105,40 @@ def spherical_kmeans(
 
 
 def cluster_maps(
-    patches: torch.Tensor,
-    centroids: torch.Tensor,
-    map_size: tuple[int, int],
-    device: torch.device | str = "cpu",
-    upsample_features: bool = False,
+    patches: torch.Tensor, centroids: torch.Tensor, map_size: tuple[int, int], device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """Return the cluster of every pixel [B, H, W] for patch features [B, h, w, C] and unit-norm centroids: cosine
-    similarities to the centroids upsampled bilinearly to `map_size`, then argmax; or, with `upsample_features`
-    (CAUSE's order), the features upsampled bilinearly, then the cosine of every pixel's feature, then argmax."""
-    centroids = centroids.to(device).float()
-    if upsample_features:
-        grid = patches.to(device).float().permute(0, 3, 1, 2)
-        upsampled = nn.functional.interpolate(grid, size=map_size, mode="bilinear", align_corners=False)
-        return torch.einsum("bchw,kc->bkhw", nn.functional.normalize(upsampled, dim=1), centroids).max(dim=1).indices
+    similarities to the centroids, upsampled bilinearly to `map_size`, then argmax."""
     tokens = _normalised(patches.to(device))
-    similarity = (tokens @ centroids.T).permute(0, 3, 1, 2)
+    similarity = (tokens @ centroids.to(device).float().T).permute(0, 3, 1, 2)
     upsampled = nn.functional.interpolate(similarity, size=map_size, mode="bilinear", align_corners=False)
     return upsampled.max(dim=1).indices
+
+
+def class_lookup(masks: torch.Tensor, classes: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Return a table from every label of `masks` to its position in `classes` (−1 for a label outside them)."""
+    lookup = torch.full((max(int(masks.max()), int(classes.max()), ignore_index) + 1,), -1, dtype=torch.long)
+    lookup[classes.long()] = torch.arange(classes.numel())
+    return lookup
+
+
+def map_class_counts(
+    assigned: torch.Tensor, masks: torch.Tensor, lookup: torch.Tensor, clusters: int, ignore_index: int
+) -> torch.Tensor:
+    """Return [clusters, K] int64 counts of the pixels of each class (position in `class_lookup`'s classes) in each
+    cluster, over the non-ignored pixels of cluster maps `assigned` and `masks` [B, H, W].
+
+    Raises:
+        ValueError: a mask holds a label that is neither one of the classes nor `ignore_index`.
+    """
+    classes = int((lookup >= 0).sum())
+    labels = masks.long()
+    valid = labels != ignore_index
+    index = lookup[labels[valid]].to(assigned.device)
+    if bool((index < 0).any()):
+        raise ValueError("A mask holds a label outside the classes being matched.")
+    counts = torch.bincount(assigned[valid.to(assigned.device)] * classes + index, minlength=clusters * classes)
+    return counts.view(clusters, classes).cpu()
 
 
 def cluster_class_counts(
@@ -132,31 +148,23 @@ def cluster_class_counts(
     classes: torch.Tensor,
     ignore_index: int,
     device: torch.device | str = "cpu",
-    upsample_features: bool = False,
 ) -> torch.Tensor:
     """Return [clusters, len(classes)] int64 pixel counts: how many pixels of each class (label `classes[j]`) fall
-    in each cluster (`cluster_maps`, with `upsample_features`), over every non-ignored pixel of [N, H, W] `masks`.
+    in each cluster (`cluster_maps`), over every non-ignored pixel of [N, H, W] `masks`.
 
     Raises:
         ValueError: a mask holds a label that is neither in `classes` nor `ignore_index`.
     """
     clusters = centroids.shape[0]
-    lookup = torch.full((max(int(masks.max()), int(classes.max()), ignore_index) + 1,), -1, dtype=torch.long)
-    lookup[classes.long()] = torch.arange(classes.numel())
+    lookup = class_lookup(masks, classes, ignore_index)
     map_size = (masks.shape[1], masks.shape[2])
-    channels = max(clusters, patches.shape[-1]) if upsample_features else clusters
-    per_chunk = max(1, _SCORE_ELEMENTS // (channels * map_size[0] * map_size[1]))
-    counts = torch.zeros(clusters * classes.numel(), dtype=torch.int64, device=device)
+    per_chunk = max(1, _SCORE_ELEMENTS // (clusters * map_size[0] * map_size[1]))
+    counts = torch.zeros(clusters, classes.numel(), dtype=torch.int64)
     with torch.no_grad():
         for start in range(0, patches.shape[0], per_chunk):
-            assigned = cluster_maps(patches[start : start + per_chunk], centroids, map_size, device, upsample_features)
-            labels = masks[start : start + per_chunk].long()
-            valid = labels != ignore_index
-            index = lookup[labels[valid]].to(device)
-            if bool((index < 0).any()):
-                raise ValueError("A mask holds a label outside the classes being matched.")
-            counts += torch.bincount(assigned[valid.to(device)] * classes.numel() + index, minlength=counts.numel())
-    return counts.view(clusters, classes.numel()).cpu()
+            assigned = cluster_maps(patches[start : start + per_chunk], centroids, map_size, device)
+            counts += map_class_counts(assigned, masks[start : start + per_chunk], lookup, clusters, ignore_index)
+    return counts
 
 
 def maximum_matching(weights: torch.Tensor) -> list[tuple[int, int]]:

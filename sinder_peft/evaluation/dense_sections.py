@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..images.preprocessing import resize_and_crop
 from ..tuner.architectures import ImageNormalization, describe_model
-from .cause import fit_cause, head_features
+from .cause import cause_class_counts, fit_cause, head_features
 from .clustering import cluster_class_counts, matched_confusion, spherical_kmeans
 from .context import (
     EvaluationContext,
@@ -176,11 +179,16 @@ def _sampled_tokens(patches: torch.Tensor, limit: int, seed: int) -> torch.Tenso
     return flat[torch.randperm(flat.shape[0], generator=generator)[:limit]]
 
 
-def _kmeans_clusters(
-    context: EvaluationContext, patches: torch.Tensor, clusters: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Return k-means centroids of the validation patch tokens, the tokens they score, and what the section says of
-    them."""
+def _kmeans_counts(
+    context: EvaluationContext,
+    patches: torch.Tensor,
+    masks: torch.Tensor,
+    classes: torch.Tensor,
+    clusters: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Return the [clusters, classes] pixel counts of k-means clusters of the validation patch tokens, and what the
+    section says of them."""
     args = context.args
     centroids = spherical_kmeans(
         _sampled_tokens(patches, args.unsupervised_max_tokens, args.seed),
@@ -189,24 +197,26 @@ def _kmeans_clusters(
         seed=args.seed,
         device=device,
     )
-    return centroids, patches, {"protocol": "kmeans"}
+    return cluster_class_counts(patches, centroids, masks, classes, IGNORE_INDEX, device), {"protocol": "kmeans"}
 
 
-def _cause_clusters(
+def _cause_counts(
     context: EvaluationContext,
     model: nn.Module,
     fingerprint: str,
     normalization: ImageNormalization,
-    patches: torch.Tensor,
-    valid: torch.Tensor,
+    val: dict[str, torch.Tensor] | None,
+    masks: torch.Tensor,
+    classes: torch.Tensor,
     clusters: int,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
-    """Return CAUSE's cluster centroids, the head features of the validation images they score, and what the
+) -> tuple[torch.Tensor, dict[str, Any]] | None:
+    """Return the [clusters, classes] pixel counts of CAUSE's clusters on the validation images, and what the
     section says of them (main process; None elsewhere). CAUSE fits on the training images' features, or on the
     validation images' when the data has no training images."""
     args, data = context.args, context.unsupervised
     assert data is not None
     images = {"train": data.train} if data.train is not None else {}
+    mirrored = {"val": None}
     if args.cause_mirror:
         mirrored = split_features(
             context,
@@ -218,17 +228,19 @@ def _cause_clusters(
             with_patches=True,
             purpose="unsupervised",
             mirrored=True,
-        )["val"]
+        )
     train = split_features(
         context, model, fingerprint, images, data.resolution, normalization, with_patches=True, purpose="unsupervised"
     ).get("train")
     if not context.is_main:
         return None
+    assert val is not None
+    valid = val["valid"]
     if train is not None and bool(train["valid"].any()):
         fit_patches, fit_on = train["patches"][train["valid"]], "train"
     else:
         logger.warning("CAUSE fits on the validation images of %s: the data has no training images.", data.source)
-        fit_patches, fit_on = patches, "val"
+        fit_patches, fit_on = val["patches"][valid], "val"
     device = model_device(model)
     head, centroids = fit_cause(
         fit_patches,
@@ -243,11 +255,29 @@ def _cause_clusters(
         seed=args.seed,
         device=device,
     )
-    scored = head_features(
+    features = head_features(
         head,
-        patches,
-        mirrored["patches"][valid] if args.cause_mirror else None,
+        val["patches"][valid],
+        mirrored["val"]["patches"][valid] if mirrored["val"] is not None else None,
         batch_size=args.cause_batch_size,
+        device=device,
+    )
+    positions = valid.nonzero().flatten().tolist()
+    patch_size = describe_model(model).patch_size
+
+    def picture(index: int) -> np.ndarray:
+        image = data.val.images.load(positions[index])
+        return np.asarray(resize_and_crop(image, data.resolution, patch_size, square=True), dtype=np.uint8)
+
+    counts = cause_class_counts(
+        features,
+        centroids,
+        masks,
+        classes,
+        IGNORE_INDEX,
+        picture=picture if args.cause_crf else None,
+        batch_size=args.cause_batch_size,
+        crf_processes=args.cause_crf_processes if args.cause_crf_processes is not None else os.cpu_count() or 1,
         device=device,
     )
     details = {
@@ -256,8 +286,9 @@ def _cause_clusters(
         "num_fit": fit_patches.shape[0],
         "concepts": args.cause_concepts,
         "mirrored": args.cause_mirror,
+        "crf": args.cause_crf,
     }
-    return centroids, scored, details
+    return counts, details
 
 
 def unsupervised_section(
@@ -269,7 +300,7 @@ def unsupervised_section(
     assert data is not None
     patch_size = describe_model(model).patch_size
     masks = prepare_unsupervised_masks(context, patch_size)
-    features = split_features(
+    val = split_features(
         context,
         model,
         fingerprint,
@@ -279,28 +310,21 @@ def unsupervised_section(
         with_patches=True,
         purpose="unsupervised",
     )["val"]
-    valid = features["valid"] if features is not None else None
-    patches = features["patches"][valid] if features is not None else None
-    masks = masks[valid] if valid is not None else masks
+    if val is not None:
+        masks = masks[val["valid"]]
     classes = torch.unique(masks)
     classes = classes[classes != IGNORE_INDEX]
     clusters = args.unsupervised_clusters or classes.numel()
     if args.unsupervised_protocol == "cause":
-        fitted = _cause_clusters(context, model, fingerprint, normalization, patches, valid, clusters)
+        counted = _cause_counts(context, model, fingerprint, normalization, val, masks, classes, clusters)
+    elif val is not None:
+        patches = val["patches"][val["valid"]]
+        counted = _kmeans_counts(context, patches, masks, classes, clusters, model_device(model))
     else:
-        fitted = _kmeans_clusters(context, patches, clusters, model_device(model)) if context.is_main else None
-    if fitted is None:
+        counted = None
+    if counted is None:
         return None
-    centroids, scored, details = fitted
-    counts = cluster_class_counts(
-        scored,
-        centroids,
-        masks,
-        classes,
-        IGNORE_INDEX,
-        model_device(model),
-        upsample_features=details["protocol"] == "cause",
-    )
+    counts, details = counted
     confusion = matched_confusion(counts)
     per_class = intersection_over_union(confusion)[: classes.numel()]
     return {
@@ -312,7 +336,7 @@ def unsupervised_section(
         "pixel_accuracy": float(confusion.diagonal().sum()) / max(int(confusion.sum()), 1) * 100,
         "clusters": clusters,
         "num_classes": classes.numel(),
-        "num_val": int(valid.sum()),
+        "num_val": int(val["valid"].sum()),
         "resolution": data.resolution,
         **details,
     }

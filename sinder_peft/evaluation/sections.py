@@ -39,6 +39,7 @@ from .datasets import (
     load_segmentation_validation,
     subsample,
 )
+from .dense_crf import load_dense_crf
 from .dense_sections import depth_section, prepare_depth_maps, prepare_unsupervised_masks, unsupervised_section
 from .depth_data import load_depth_data
 from .features import FeatureCache, ProcessState, extract_defect_statistics, model_fingerprint
@@ -111,6 +112,10 @@ def load_context(args: EvaluationArguments, state: ProcessState | None) -> Evalu
         )
     unsupervised = None
     unsupervised_resolution = args.unsupervised_resolution or args.seg_resolution
+    if (args.unsupervised_data or (segmentation is not None and args.unsupervised)) and (
+        args.unsupervised_protocol == "cause" and args.cause_crf
+    ):
+        load_dense_crf()
     if args.unsupervised_data:
         split, reduce_zero_label = load_segmentation_validation(
             args.unsupervised_data,

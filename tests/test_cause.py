@@ -5,6 +5,7 @@ an independent scoring of its clusters."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing
 import subprocess
@@ -37,12 +38,13 @@ from sinder_peft.tuner.architectures import ImageNormalization
 
 CAUSE_FAST = {
     "unsupervised_protocol": "cause",
-    "cause_head_epochs": 10,
+    "cause_clusterbook_epochs": 50,
+    "cause_head_epochs": 40,
     "cause_batch_size": 8,
     "cause_probe_epochs": 50,
     "cause_crf_processes": 0,
 }
-"""Enough steps for the head and the probe on 15 training images (the published setting assumes thousands)."""
+"""100 clusterbook, 80 head and 100 probe steps on the 15 training images (the published runs make thousands)."""
 
 
 def newman_modularity(affinity: np.ndarray, labels: np.ndarray) -> float:
@@ -181,8 +183,10 @@ def test_cause_ranks_a_working_model_above_a_blind_one(cause_evaluated: dict) ->
     good, blind = (entry["unsupervised"] for entry in cause_evaluated["results"]["models"])
     assert good["protocol"] == "cause" and good["fit_on"] == "train" and good["num_fit"] == 15
     assert good["mirrored"] and good["num_val"] == 7 and good["clusters"] == 3
-    assert good["miou"] >= 80 and good["pixel_accuracy"] >= 85
-    assert blind["miou"] <= 40
+    # CAUSE on 15 images is far less stable than k-means (docs/evaluation.md): over seeds 0-2 this model got 50-98
+    # mIoU; a blind model's clusters collapse into one
+    assert good["miou"] >= 40 and good["miou"] >= blind["miou"] + 25 and good["largest_cluster_share"] < 90
+    assert blind["miou"] <= 20 and blind["largest_cluster_share"] >= 90
     table = (cause_evaluated["output_dir"] / "evaluation.md").read_text()
     assert f"{good['miou']:.1f} | {good['pixel_accuracy']:.1f}" in table and "CAUSE" in table
 
@@ -235,6 +239,7 @@ def test_cause_section_equals_an_independent_scoring(cause_evaluated: dict, seg_
         train,
         3,
         concepts=args.cause_concepts,
+        clusterbook_epochs=args.cause_clusterbook_epochs,
         head_epochs=args.cause_head_epochs,
         probe_epochs=args.cause_probe_epochs,
         batch_size=args.cause_batch_size,
@@ -319,10 +324,10 @@ def test_cause_without_training_images_fits_on_the_validation_images(seg_root: P
 
 
 def test_a_missing_pydensecrf_is_reported_before_any_model_runs(
-    seg_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    seg_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Without pydensecrf, `--cause-crf` (the default) fails at once, saying how to install it or turn it off; with
-    `--cause-crf false` the section says it ran without."""
+    `--cause-crf false` the section says it ran without (and that a blind model's clusters collapsed)."""
     monkeypatch.setitem(sys.modules, "pydensecrf", None)
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
     model = zeroed_model()
@@ -334,8 +339,12 @@ def test_a_missing_pydensecrf_is_reported_before_any_model_runs(
     assert not calls
     settings = {**FAST, **CAUSE_FAST, "cause_head_epochs": 1, "cause_probe_epochs": 1, "cause_crf": False}
     args = EvaluationArguments(output_dir=str(tmp_path / "out2"), unsupervised_data=str(seg_root), **settings)
-    (entry,) = evaluate_models([("blind", model, ImageNormalization())], args)["models"]
+    with caplog.at_level(logging.WARNING, logger="sinder_peft.evaluation.dense_sections"):
+        (entry,) = evaluate_models([("blind", model, ImageNormalization())], args)["models"]
     assert entry["unsupervised"]["crf"] is False
+    share = entry["unsupervised"]["largest_cluster_share"]
+    assert share >= 90
+    assert f"The unsupervised clusters (cause) collapsed: one of the 3 holds {share:.1f} %" in caplog.text
 
 
 def test_cause_settings_are_checked_and_reach_the_command_line(seg_root: Path, tmp_path: Path) -> None:
@@ -359,7 +368,9 @@ def test_cause_settings_are_checked_and_reach_the_command_line(seg_root: Path, t
     assert completed.returncode == 0, completed.stderr[-3000:]
     section = json.loads((tmp_path / "cli" / "evaluation.json").read_text())["models"][0]["unsupervised"]
     assert section["protocol"] == "cause" and section["num_fit"] == 15 and section["crf"] is True
-    assert "trains its head for 1 step(s) only (15 images, 1 epochs of 16)" in completed.stderr
+    assert "CAUSE's fits make 1 clusterbook, 1 head, 1 cluster probe steps (15 images in batches of 16)" in (
+        completed.stderr
+    )
 
 
 def test_two_processes_give_the_section_of_one(seg_root: Path, tmp_path: Path) -> None:
@@ -367,6 +378,7 @@ def test_two_processes_give_the_section_of_one(seg_root: Path, tmp_path: Path) -
     extracted in shares of 8 + 7 and 4 + 3 images) writes the CAUSE section that one process writes: CAUSE fits
     and scores on the main process alone, from the gathered features."""
     settings = ["--unsupervised-protocol", "cause", "--cause-head-epochs", "2", "--cause-probe-epochs", "2"]
+    settings += ["--cause-clusterbook-epochs", "2"]
     settings += ["--cause-batch-size", "8", "--cause-crf-processes", "0", "--num-workers", "0"]
     settings += ["--unsupervised-resolution", str(SEG_SIZE)]
     arguments = ["demo", "--unsupervised-data", str(seg_root), *settings, "--defect-max-images", "0"]
@@ -376,7 +388,7 @@ def test_two_processes_give_the_section_of_one(seg_root: Path, tmp_path: Path) -
         output_dir=str(tmp_path / "one"),
         unsupervised_data=str(seg_root),
         defect_max_images=0,
-        **{**FAST, **CAUSE_FAST, "cause_head_epochs": 2, "cause_probe_epochs": 2},
+        **{**FAST, **CAUSE_FAST, "cause_clusterbook_epochs": 2, "cause_head_epochs": 2, "cause_probe_epochs": 2},
     )
     one = run_evaluation(["demo"], args)["models"][0]["unsupervised"]
     assert two["protocol"] == one["protocol"] == "cause" and two["num_fit"] == one["num_fit"] == 15

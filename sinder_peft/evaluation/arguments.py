@@ -197,6 +197,7 @@ class EvaluationArguments(ModelKwargsArguments):
         metadata={"help": "cause: fit on at most this many training images (random, seeded)"},
     )
     cause_concepts: int = field(default=2048, metadata={"help": "cause: concepts of the clusterbook"})
+    cause_clusterbook_epochs: int = field(default=1, metadata={"help": "cause: passes of the clusterbook's fit"})
     cause_head_epochs: int = field(default=2, metadata={"help": "cause: passes of the head's contrastive training"})
     cause_probe_epochs: int = field(default=5, metadata={"help": "cause: passes of the cluster probe's fit"})
     cause_batch_size: int = field(default=16, metadata={"help": "cause: images per step (in-batch contrast)"})
@@ -258,6 +259,7 @@ class EvaluationArguments(ModelKwargsArguments):
             "depth_batch_size",
             "unsupervised_max_tokens",
             "unsupervised_restarts",
+            "cause_clusterbook_epochs",
             "cause_head_epochs",
             "cause_probe_epochs",
             "cause_batch_size",

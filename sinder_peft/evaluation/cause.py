@@ -55,8 +55,8 @@ PROBE_LR_DECAY = 0.5
 
 PROBE_LR_DECAY_EPOCHS = 2
 
-FEW_HEAD_STEPS = 100
-"""Below this many head training steps, `fit_cause` warns that the head is barely trained."""
+FEW_STEPS = 100
+"""Below this many steps of any of its fits, `fit_cause` warns that CAUSE is barely trained."""
 
 CRF_LOGIT_SCALE = 3.0
 """The cosines to the centroids are multiplied by this before the log-softmax that the dense CRF refines."""
@@ -89,6 +89,46 @@ def _check_features(features: torch.Tensor, batch_size: int, epochs: int, lr: fl
         raise ValueError(f"Need batch_size ≥ 1, epochs ≥ 1 and lr > 0, got {batch_size}, {epochs}, {lr}.")
 
 
+def _fit_modularity_centroids(
+    features: torch.Tensor,
+    count: int,
+    channels: int,
+    tokens_of: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    decay_every: int,
+    decay: float,
+    generator: torch.Generator,
+    device: torch.device,
+    description: str,
+    show_progress: bool,
+) -> torch.Tensor:
+    """Return `count` centroids [count, channels] (on `device`, not normalised) of the tokens `tokens_of` makes of
+    each batch of patch features [B, h · w, C], maximising the soft modularity of each image's tokens at one random
+    position per 4×4 cell (`modularity_loss`): uniform start, Adam at `lr`, times `decay` every `decay_every`
+    epochs."""
+    height, width = features.shape[1:3]
+    centroids = _uniform_centroids(count, channels, generator).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([centroids], lr=lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=decay_every, gamma=decay)
+    steps = epochs * math.ceil(features.shape[0] / batch_size)
+    with tqdm(total=steps, desc=description, unit="step", disable=not show_progress) as progress:
+        for _ in range(epochs):
+            for index in _batches(features.shape[0], batch_size, generator):
+                tokens = tokens_of(_flat(features, index, device))
+                positions = grid_sample_positions(index.numel(), height, width, generator)
+                loss = modularity_loss(gather_positions(tokens, positions), centroids)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                progress.update()
+            scheduler.step()
+    logger.info("%s: %d centroids, last modularity %.4f.", description, count, -float(loss.detach()))
+    return centroids.detach()
+
+
 def fit_concept_clusterbook(
     features: torch.Tensor,
     concepts: int,
@@ -105,23 +145,21 @@ def fit_concept_clusterbook(
     _check_features(features, batch_size, epochs, lr)
     if concepts < 2:
         raise ValueError(f"A clusterbook needs at least two concepts, got {concepts}.")
-    height, width = features.shape[1:3]
-    codebook = _uniform_centroids(concepts, features.shape[-1], generator).to(device).requires_grad_(True)
-    optimizer = torch.optim.Adam([codebook], lr=lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=CLUSTERBOOK_LR_DECAY)
-    steps = epochs * math.ceil(features.shape[0] / batch_size)
-    with tqdm(total=steps, desc="CAUSE clusterbook", unit="step", disable=not show_progress) as progress:
-        for _ in range(epochs):
-            for index in _batches(features.shape[0], batch_size, generator):
-                positions = grid_sample_positions(index.numel(), height, width, generator)
-                loss = modularity_loss(gather_positions(_flat(features, index, device), positions), codebook)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                progress.update()
-            scheduler.step()
-    logger.info("CAUSE clusterbook: %d concepts, last modularity %.4f.", concepts, -float(loss.detach()))
-    return codebook.detach()
+    return _fit_modularity_centroids(
+        features,
+        concepts,
+        features.shape[-1],
+        nn.Identity(),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        decay_every=1,
+        decay=CLUSTERBOOK_LR_DECAY,
+        generator=generator,
+        device=device,
+        description="CAUSE clusterbook",
+        show_progress=show_progress,
+    )
 
 
 def _momentum_update(teacher: nn.Module, student: nn.Module) -> None:
@@ -215,27 +253,29 @@ def fit_cluster_probe(
     _check_features(features, batch_size, epochs, lr)
     if clusters < 2:
         raise ValueError(f"Need at least two clusters, got {clusters}.")
-    height, width = features.shape[1:3]
-    centroids = _uniform_centroids(clusters, head.linear_out.out_features, generator).to(device).requires_grad_(True)
-    optimizer = torch.optim.Adam([centroids], lr=lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=PROBE_LR_DECAY_EPOCHS, gamma=PROBE_LR_DECAY)
+
+    def head_tokens(tokens: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return head(tokens)
+
     head.train()
-    steps = epochs * math.ceil(features.shape[0] / batch_size)
-    with tqdm(total=steps, desc="CAUSE cluster probe", unit="step", disable=not show_progress) as progress:
-        for _ in range(epochs):
-            for index in _batches(features.shape[0], batch_size, generator):
-                with torch.no_grad():
-                    head_tokens = head(_flat(features, index, device))
-                positions = grid_sample_positions(index.numel(), height, width, generator)
-                loss = modularity_loss(gather_positions(head_tokens, positions), centroids)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                progress.update()
-            scheduler.step()
+    centroids = _fit_modularity_centroids(
+        features,
+        clusters,
+        head.linear_out.out_features,
+        head_tokens,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        decay_every=PROBE_LR_DECAY_EPOCHS,
+        decay=PROBE_LR_DECAY,
+        generator=generator,
+        device=device,
+        description="CAUSE cluster probe",
+        show_progress=show_progress,
+    )
     head.eval()
-    logger.info("CAUSE cluster probe: %d clusters, last modularity %.4f.", clusters, -float(loss.detach()))
-    return nn.functional.normalize(centroids.detach(), dim=-1).cpu()
+    return nn.functional.normalize(centroids, dim=-1).cpu()
 
 
 def head_features(
@@ -332,6 +372,7 @@ def fit_cause(
     clusters: int,
     *,
     concepts: int,
+    clusterbook_epochs: int,
     head_epochs: int,
     probe_epochs: int,
     batch_size: int,
@@ -350,14 +391,18 @@ def fit_cause(
         ValueError: the features are empty or a setting is out of range.
     """
     device = torch.device(device)
-    head_steps = head_epochs * math.ceil(train_features.shape[0] / max(batch_size, 1))
-    if head_steps < FEW_HEAD_STEPS:
+    steps_per_epoch = math.ceil(train_features.shape[0] / max(batch_size, 1))
+    steps = {
+        "clusterbook": clusterbook_epochs * steps_per_epoch,
+        "head": head_epochs * steps_per_epoch,
+        "cluster probe": probe_epochs * steps_per_epoch,
+    }
+    if min(steps.values()) < FEW_STEPS:
         logger.warning(
-            "CAUSE trains its head for %d step(s) only (%d images, %d epochs of %d): far fewer than the thousands of "
-            "its published setting, so the clusters may be those of a nearly untrained head.",
-            head_steps,
+            "CAUSE's fits make %s steps (%d images in batches of %d): its published runs make thousands of each; "
+            "with fewer, the clusterbook, the head and the centroids stay near their random start.",
+            ", ".join(f"{count} {fit}" for fit, count in steps.items()),
             train_features.shape[0],
-            head_epochs,
             batch_size,
         )
     generator = torch.Generator().manual_seed(seed)
@@ -366,7 +411,7 @@ def fit_cause(
         codebook = fit_concept_clusterbook(
             train_features,
             concepts,
-            epochs=1,
+            epochs=clusterbook_epochs,
             batch_size=batch_size,
             lr=lr,
             generator=generator,

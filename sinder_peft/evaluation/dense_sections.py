@@ -37,6 +37,10 @@ from .probes import IGNORE_INDEX, intersection_over_union, mean_iou
 
 logger = logging.getLogger(__name__)
 
+COLLAPSED_SHARE = 90.0
+"""An unsupervised segmentation whose largest cluster holds this share of the labelled pixels (%) or more is reported
+as collapsed (a warning)."""
+
 
 def _depth_maps(context: EvaluationContext, split: DepthSplit, patch_size: int) -> torch.Tensor:
     """Return the prepared depth maps [N, S, S] of one split (metres, 0 = invalid; cached)."""
@@ -246,6 +250,7 @@ def _cause_counts(
         fit_patches,
         clusters,
         concepts=args.cause_concepts,
+        clusterbook_epochs=args.cause_clusterbook_epochs,
         head_epochs=args.cause_head_epochs,
         probe_epochs=args.cause_probe_epochs,
         batch_size=args.cause_batch_size,
@@ -325,6 +330,14 @@ def unsupervised_section(
     if counted is None:
         return None
     counts, details = counted
+    largest_share = float(counts.sum(dim=1).max()) / max(int(counts.sum()), 1) * 100
+    if clusters > 1 and largest_share >= COLLAPSED_SHARE:
+        logger.warning(
+            "The unsupervised clusters (%s) collapsed: one of the %d holds %.1f %% of the labelled pixels.",
+            details["protocol"],
+            clusters,
+            largest_share,
+        )
     confusion = matched_confusion(counts)
     per_class = intersection_over_union(confusion)[: classes.numel()]
     return {
@@ -335,6 +348,7 @@ def unsupervised_section(
         },
         "pixel_accuracy": float(confusion.diagonal().sum()) / max(int(confusion.sum()), 1) * 100,
         "clusters": clusters,
+        "largest_cluster_share": largest_share,
         "num_classes": classes.numel(),
         "num_val": int(val["valid"].sum()),
         "resolution": data.resolution,

@@ -28,9 +28,8 @@ from typing import Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .probes import channel_statistics
+from .probes import channel_statistics, fit_minibatch_epochs
 
 logger = logging.getLogger(__name__)
 
@@ -266,37 +265,33 @@ def train_linear_depth_probe(
         {"params": [patch_weight, cls_weight], "weight_decay": weight_decay},
         {"params": [bias], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=lr)
-    steps_per_epoch = math.ceil(count / batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in tqdm(range(epochs), desc="depth probe", unit="epoch", disable=not show_progress):
-        order = torch.randperm(count, generator=generator)
-        epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
-        epoch_pixels = torch.zeros((), dtype=torch.float64, device=device)
-        for start in range(0, count, batch_size):
-            index = order[start : start + batch_size]
-            tokens = patches[index].to(device=device, dtype=torch.float32)
-            images = tokens.shape[0]
-            tokens = tokens.reshape(images, -1, channels)
-            weights = counts[index].to(device).reshape(images, -1)
-            targets = log_depth[index].to(device).reshape(images, -1)
-            # the standardisation folded into the linear layer, so the tokens are not rewritten every step
-            scaled_patch = patch_weight / patch_std
-            scaled_cls = cls_weight / cls_std
-            image_bias = (cls[index].to(device=device, dtype=torch.float32) - cls_mean) @ scaled_cls.T + bias
-            logits = tokens @ scaled_patch.T + (image_bias - scaled_patch @ patch_mean)[:, None, :]
-            predicted_log = outputs_to_log_depth(logits, head, centres, depth_range[0])
-            loss = scale_invariant_log_loss(predicted_log, targets, weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            pixels = weights.sum(dtype=torch.float64)
-            epoch_loss += loss.detach().double() * pixels
-            epoch_pixels += pixels
-        losses.append(float(epoch_loss / epoch_pixels.clamp_min(1.0)))
+
+    def batch_loss(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = patches[index].to(device=device, dtype=torch.float32)
+        images = tokens.shape[0]
+        tokens = tokens.reshape(images, -1, channels)
+        weights = counts[index].to(device).reshape(images, -1)
+        targets = log_depth[index].to(device).reshape(images, -1)
+        # the standardisation folded into the linear layer, so the tokens are not rewritten every step
+        scaled_patch = patch_weight / patch_std
+        scaled_cls = cls_weight / cls_std
+        image_bias = (cls[index].to(device=device, dtype=torch.float32) - cls_mean) @ scaled_cls.T + bias
+        logits = tokens @ scaled_patch.T + (image_bias - scaled_patch @ patch_mean)[:, None, :]
+        predicted_log = outputs_to_log_depth(logits, head, centres, depth_range[0])
+        return scale_invariant_log_loss(predicted_log, targets, weights), weights.sum(dtype=torch.float64)
+
+    losses = fit_minibatch_epochs(
+        groups,
+        batch_loss,
+        count=count,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        description="depth probe",
+        show_progress=show_progress,
+    )
     logger.info("Depth probe: loss %.4f after epoch 1, %.4f after epoch %d.", losses[0], losses[-1], epochs)
     probe = LinearDepthProbe(
         patch_weight.detach(),

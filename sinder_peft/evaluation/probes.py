@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -269,6 +270,47 @@ def channel_statistics(values: torch.Tensor, batch_size: int) -> tuple[torch.Ten
     return mean.float(), variance.sqrt().float().clamp_min(1e-6)
 
 
+def fit_minibatch_epochs(
+    parameter_groups: list[dict[str, Any]],
+    batch_loss: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    count: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    description: str,
+    show_progress: bool,
+) -> list[float]:
+    """Minimise `batch_loss` over `epochs` passes of `count` images, and return each epoch's pixel-weighted loss.
+
+    The recipe of the linear probes: AdamW over `parameter_groups` (each group's own weight decay), learning rate
+    annealed to 0 by a cosine over all steps, images shuffled every epoch by a generator seeded with `seed`, batches
+    of `batch_size` images. `batch_loss(index)` returns the loss of the images `index` and the number of pixels it
+    averages (the weight of that loss in the epoch's mean).
+    """
+    optimizer = torch.optim.AdamW(parameter_groups, lr=lr)
+    steps_per_epoch = math.ceil(count / batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(epochs), desc=description, unit="epoch", disable=not show_progress):
+        order = torch.randperm(count, generator=generator)
+        epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
+        epoch_pixels = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, count, batch_size):
+            loss, pixels = batch_loss(order[start : start + batch_size])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            epoch_loss += loss.detach().double() * pixels
+            epoch_pixels += pixels
+        losses.append(float(epoch_loss / epoch_pixels.clamp_min(1.0)))
+    return losses
+
+
 def train_linear_segmentation_probe(
     features: torch.Tensor,
     label_counts: torch.Tensor,
@@ -314,34 +356,28 @@ def train_linear_segmentation_probe(
     mean, std = (statistic.to(device) for statistic in channel_statistics(features, batch_size))
     weight = torch.zeros(num_classes, channels, device=device, requires_grad=True)
     bias = torch.zeros(num_classes, device=device, requires_grad=True)
-    optimizer = torch.optim.AdamW(
-        [{"params": [weight], "weight_decay": weight_decay}, {"params": [bias], "weight_decay": 0.0}], lr=lr
+
+    def batch_loss(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = features[index].to(device=device, dtype=torch.float32).reshape(-1, channels)
+        counts = label_counts[index].to(device).reshape(-1, num_classes)
+        # the standardisation folded into the classifier, so the tokens are not rewritten every step:
+        # ((x - mean) / std) Wᵀ + b = x (W / std)ᵀ + (b - (W / std) mean)
+        scaled = weight / std
+        logits = torch.addmm(bias - scaled @ mean, tokens, scaled.T)
+        return patch_cross_entropy(logits, counts), counts.sum(dtype=torch.float64)
+
+    losses = fit_minibatch_epochs(
+        [{"params": [weight], "weight_decay": weight_decay}, {"params": [bias], "weight_decay": 0.0}],
+        batch_loss,
+        count=count,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        description="linear probe",
+        show_progress=show_progress,
     )
-    steps_per_epoch = math.ceil(count / batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not show_progress):
-        order = torch.randperm(count, generator=generator)
-        epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
-        epoch_pixels = torch.zeros((), dtype=torch.float64, device=device)
-        for start in range(0, count, batch_size):
-            index = order[start : start + batch_size]
-            tokens = features[index].to(device=device, dtype=torch.float32).reshape(-1, channels)
-            counts = label_counts[index].to(device).reshape(-1, num_classes)
-            # the standardisation folded into the classifier, so the tokens are not rewritten every step:
-            # ((x - mean) / std) Wᵀ + b = x (W / std)ᵀ + (b - (W / std) mean)
-            scaled = weight / std
-            logits = torch.addmm(bias - scaled @ mean, tokens, scaled.T)
-            loss = patch_cross_entropy(logits, counts)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            pixels = counts.sum(dtype=torch.float64)
-            epoch_loss += loss.detach().double() * pixels
-            epoch_pixels += pixels
-        losses.append(float(epoch_loss / epoch_pixels.clamp_min(1.0)))
     logger.info("Linear probe: loss %.4f after epoch 1, %.4f after epoch %d.", losses[0], losses[-1], epochs)
     probe = LinearSegmentationProbe(
         weight=weight.detach(), bias=bias.detach(), mean=mean, std=std, losses=tuple(losses)

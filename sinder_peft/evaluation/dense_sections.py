@@ -210,16 +210,16 @@ def _cause_counts(
     fingerprint: str,
     normalization: ImageNormalization,
     val: dict[str, torch.Tensor] | None,
+    train: dict[str, torch.Tensor] | None,
     masks: torch.Tensor,
     classes: torch.Tensor,
     clusters: int,
 ) -> tuple[torch.Tensor, dict[str, Any]] | None:
     """Return the [clusters, classes] pixel counts of CAUSE's clusters on the validation images, and what the
-    section says of them (main process; None elsewhere). CAUSE fits on the training images' features, or on the
-    validation images' when the data has no training images."""
+    section says of them (main process; None elsewhere). CAUSE fits on the training images' features `train`, or
+    on the validation images' `val` when the data has no training images."""
     args, data = context.args, context.unsupervised
     assert data is not None
-    images = {"train": data.train} if data.train is not None else {}
     mirrored = {"val": None}
     if args.cause_mirror:
         mirrored = split_features(
@@ -233,9 +233,6 @@ def _cause_counts(
             purpose="unsupervised",
             mirrored=True,
         )
-    train = split_features(
-        context, model, fingerprint, images, data.resolution, normalization, with_patches=True, purpose="unsupervised"
-    ).get("train")
     if not context.is_main:
         return None
     assert val is not None
@@ -305,23 +302,19 @@ def unsupervised_section(
     assert data is not None
     patch_size = describe_model(model).patch_size
     masks = prepare_unsupervised_masks(context, patch_size)
-    val = split_features(
-        context,
-        model,
-        fingerprint,
-        {"val": data.val.images},
-        data.resolution,
-        normalization,
-        with_patches=True,
-        purpose="unsupervised",
-    )["val"]
+    images = {"val": data.val.images, **({"train": data.train} if data.train is not None else {})}
+    features = split_features(
+        context, model, fingerprint, images, data.resolution, normalization, with_patches=True, purpose="unsupervised"
+    )
+    val = features["val"]
     if val is not None:
         masks = masks[val["valid"]]
     classes = torch.unique(masks)
     classes = classes[classes != IGNORE_INDEX]
     clusters = args.unsupervised_clusters or classes.numel()
     if args.unsupervised_protocol == "cause":
-        counted = _cause_counts(context, model, fingerprint, normalization, val, masks, classes, clusters)
+        train = features.get("train")
+        counted = _cause_counts(context, model, fingerprint, normalization, val, train, masks, classes, clusters)
     elif val is not None:
         patches = val["patches"][val["valid"]]
         counted = _kmeans_counts(context, patches, masks, classes, clusters, model_device(model))

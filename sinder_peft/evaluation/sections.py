@@ -112,10 +112,6 @@ def load_context(args: EvaluationArguments, state: ProcessState | None) -> Evalu
         )
     unsupervised = None
     unsupervised_resolution = args.unsupervised_resolution or args.seg_resolution
-    if (args.unsupervised_data or (segmentation is not None and args.unsupervised)) and (
-        args.unsupervised_protocol == "cause" and args.cause_crf
-    ):
-        load_dense_crf()
     if args.unsupervised_data:
         split, reduce_zero_label = load_segmentation_validation(
             args.unsupervised_data,
@@ -146,6 +142,8 @@ def load_context(args: EvaluationArguments, state: ProcessState | None) -> Evalu
         unsupervised = UnsupervisedData(
             segmentation.source, segmentation.val, segmentation.reduce_zero_label, unsupervised_resolution, train
         )
+    if unsupervised is not None and args.unsupervised_protocol == "cause" and args.cause_crf:
+        load_dense_crf()  # a missing pydensecrf fails here, before any model runs
     cache_dir = args.cache_dir or str(Path(args.output_dir) / CACHE_FOLDER)
     return EvaluationContext(
         args, state, FeatureCache(cache_dir), knn, segmentation, defect_images, defect_source, depth, unsupervised

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from common import (
     random_dinov2,
     synchronize,
     time_interleaved,
+    timed_call,
     write_json,
 )
 from PIL import Image
@@ -56,6 +56,7 @@ from sinder_peft.evaluation.cause import (
 )
 from sinder_peft.evaluation.clustering import cluster_class_counts, matched_confusion, spherical_kmeans
 from sinder_peft.evaluation.depth_probe import (
+    DepthHead,
     depth_bin_centres,
     depth_metrics,
     evaluate_depth_probe,
@@ -126,53 +127,56 @@ def cause_fits(args: argparse.Namespace, hidden_size: int) -> dict[str, Any]:
     device = torch.device(args.device)
     timed: dict[str, Any] = {"images": args.cause_images, "patches": side * side}
     steps_per_epoch = -(-args.cause_images // recipe.cause_batch_size)
-    synchronize(device)
-    start = time.perf_counter()
-    codebook = fit_concept_clusterbook(
-        train,
-        recipe.cause_concepts,
-        epochs=1,
-        batch_size=recipe.cause_batch_size,
-        lr=recipe.cause_lr,
-        generator=generator,
-        device=device,
-        show_progress=False,
+    codebook, seconds = timed_call(
+        lambda: fit_concept_clusterbook(
+            train,
+            recipe.cause_concepts,
+            epochs=recipe.cause_clusterbook_epochs,
+            batch_size=recipe.cause_batch_size,
+            lr=recipe.cause_lr,
+            generator=generator,
+            device=device,
+            show_progress=False,
+        ),
+        device,
     )
-    synchronize(device)
-    timed["clusterbook_s_per_step"] = (time.perf_counter() - start) / steps_per_epoch
-    start = time.perf_counter()
-    head = train_concept_head(
-        train,
-        codebook,
-        epochs=recipe.cause_head_epochs,
-        batch_size=recipe.cause_batch_size,
-        lr=recipe.cause_lr,
-        weight_decay=recipe.cause_weight_decay,
-        max_grad_norm=recipe.cause_max_grad_norm,
-        generator=generator,
-        device=device,
-        show_progress=False,
+    timed["clusterbook_s_per_step"] = seconds / (recipe.cause_clusterbook_epochs * steps_per_epoch)
+    head, seconds = timed_call(
+        lambda: train_concept_head(
+            train,
+            codebook,
+            epochs=recipe.cause_head_epochs,
+            batch_size=recipe.cause_batch_size,
+            lr=recipe.cause_lr,
+            weight_decay=recipe.cause_weight_decay,
+            max_grad_norm=recipe.cause_max_grad_norm,
+            generator=generator,
+            device=device,
+            show_progress=False,
+        ),
+        device,
     )
-    synchronize(device)
-    timed["head_s_per_step"] = (time.perf_counter() - start) / (recipe.cause_head_epochs * steps_per_epoch)
-    start = time.perf_counter()
-    fit_cluster_probe(
-        train,
-        head,
-        21,
-        epochs=recipe.cause_probe_epochs,
-        batch_size=recipe.cause_batch_size,
-        lr=recipe.cause_lr,
-        generator=generator,
-        device=device,
-        show_progress=False,
+    timed["head_s_per_step"] = seconds / (recipe.cause_head_epochs * steps_per_epoch)
+    _, seconds = timed_call(
+        lambda: fit_cluster_probe(
+            train,
+            head,
+            21,
+            epochs=recipe.cause_probe_epochs,
+            batch_size=recipe.cause_batch_size,
+            lr=recipe.cause_lr,
+            generator=generator,
+            device=device,
+            show_progress=False,
+        ),
+        device,
     )
-    synchronize(device)
-    timed["probe_s_per_step"] = (time.perf_counter() - start) / (recipe.cause_probe_epochs * steps_per_epoch)
-    start = time.perf_counter()
-    head_features(head, scored, scored.flip(dims=[2]), batch_size=recipe.cause_batch_size, device=device)
-    synchronize(device)
-    timed["scoring_features_s_per_image"] = (time.perf_counter() - start) / args.cause_images
+    timed["probe_s_per_step"] = seconds / (recipe.cause_probe_epochs * steps_per_epoch)
+    _, seconds = timed_call(
+        lambda: head_features(head, scored, scored.flip(dims=[2]), batch_size=recipe.cause_batch_size, device=device),
+        device,
+    )
+    timed["scoring_features_s_per_image"] = seconds / args.cause_images
     return timed
 
 
@@ -245,19 +249,18 @@ def probes(args: argparse.Namespace, hidden_size: int) -> dict[str, Any]:
     labels = torch.randint(0, classes, (2 * count,), generator=generator)
     cls = prototypes[labels] + 2.0 * torch.randn(2 * count, hidden_size, generator=generator)
     device = args.device
-    synchronize(device)
-    start = time.perf_counter()
-    accuracy = knn_top1_accuracy(
-        cls[:count],
-        labels[:count],
-        cls[count:],
-        labels[count:],
-        ks=DINOV2_KNN_KS,
-        temperature=DINOV2_KNN_TEMPERATURE,
-        device=device,
+    accuracy, knn_s = timed_call(
+        lambda: knn_top1_accuracy(
+            cls[:count],
+            labels[:count],
+            cls[count:],
+            labels[count:],
+            ks=DINOV2_KNN_KS,
+            temperature=DINOV2_KNN_TEMPERATURE,
+            device=device,
+        ),
+        device,
     )
-    synchronize(device)
-    knn_s = time.perf_counter() - start
 
     grid = args.probe_resolution // PATCH_SIZE
     blocks = torch.randint(0, classes, (2 * count, grid // 2 + 1, grid // 2 + 1), generator=generator)
@@ -269,25 +272,24 @@ def probes(args: argparse.Namespace, hidden_size: int) -> dict[str, Any]:
         noise = 2.0 * torch.randn(*chunk.shape, hidden_size, generator=generator)
         patches[start : start + 100] = (prototypes[chunk] + noise).to(torch.float16)
     recipe = EvaluationArguments(output_dir="-")
-    start = time.perf_counter()
-    counts = patch_label_counts(masks[:count], PATCH_SIZE, classes)
-    probe = train_linear_segmentation_probe(
-        patches[:count],
-        counts,
-        epochs=recipe.seg_epochs,
-        lr=recipe.seg_lr,
-        weight_decay=recipe.seg_weight_decay,
-        batch_size=recipe.seg_batch_size,
-        seed=recipe.seed,
-        device=device,
-        show_progress=False,
+
+    def train_segmentation_probe() -> Any:
+        return train_linear_segmentation_probe(
+            patches[:count],
+            patch_label_counts(masks[:count], PATCH_SIZE, classes),
+            epochs=recipe.seg_epochs,
+            lr=recipe.seg_lr,
+            weight_decay=recipe.seg_weight_decay,
+            batch_size=recipe.seg_batch_size,
+            seed=recipe.seed,
+            device=device,
+            show_progress=False,
+        )
+
+    probe, train_s = timed_call(train_segmentation_probe, device)
+    confusion, score_s = timed_call(
+        lambda: evaluate_segmentation_probe(probe, patches[count:], masks[count:], device=device), device
     )
-    synchronize(device)
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    confusion = evaluate_segmentation_probe(probe, patches[count:], masks[count:], device=device)
-    synchronize(device)
-    score_s = time.perf_counter() - start
     depth = dense_probes(args, patches, cls, patch_labels, masks, recipe)
     pixels = count * masks.shape[1] * masks.shape[2]
     return {
@@ -333,31 +335,33 @@ def dense_probes(
     measured: dict[str, Any] = {}
     for head in (recipe.depth_head, "bins"):
         centres = depth_bin_centres(recipe.depth_min, recipe.depth_max, recipe.depth_bins) if head == "bins" else None
-        synchronize(device)
-        start = time.perf_counter()
-        log_depth, counts = patch_log_depth_targets(depth[:count], PATCH_SIZE)
-        probe = train_linear_depth_probe(
-            patches[:count],
-            cls[:count],
-            log_depth,
-            counts,
-            head=head,
-            depth_range=(recipe.depth_min, recipe.depth_max),
-            centres=centres,
-            epochs=recipe.depth_epochs,
-            lr=recipe.depth_lr,
-            weight_decay=recipe.depth_weight_decay,
-            batch_size=recipe.depth_batch_size,
-            seed=recipe.seed,
-            device=device,
-            show_progress=False,
+
+        def train_depth_probe(head: DepthHead = head, centres: torch.Tensor | None = centres) -> Any:
+            log_depth, counts = patch_log_depth_targets(depth[:count], PATCH_SIZE)
+            return train_linear_depth_probe(
+                patches[:count],
+                cls[:count],
+                log_depth,
+                counts,
+                head=head,
+                depth_range=(recipe.depth_min, recipe.depth_max),
+                centres=centres,
+                epochs=recipe.depth_epochs,
+                lr=recipe.depth_lr,
+                weight_decay=recipe.depth_weight_decay,
+                batch_size=recipe.depth_batch_size,
+                seed=recipe.seed,
+                device=device,
+                show_progress=False,
+            )
+
+        probe, train_s = timed_call(train_depth_probe, device)
+        (sums, _), score_s = timed_call(
+            lambda probe=probe: evaluate_depth_probe(
+                probe, patches[count:], cls[count:], depth[count:], device=device
+            ),
+            device,
         )
-        synchronize(device)
-        train_s = time.perf_counter() - start
-        start = time.perf_counter()
-        sums, _ = evaluate_depth_probe(probe, patches[count:], cls[count:], depth[count:], device=device)
-        synchronize(device)
-        score_s = time.perf_counter() - start
         measured[f"depth_{head}"] = {
             "train_s": train_s,
             "score_s": score_s,
@@ -366,23 +370,25 @@ def dense_probes(
             "rmse": depth_metrics(sums)["rmse"],
         }
     classes = torch.unique(masks[count:])
-    synchronize(device)
-    start = time.perf_counter()
-    tokens = patches[count:].reshape(-1, patches.shape[-1])
-    generator = torch.Generator().manual_seed(0)
-    sample = tokens[torch.randperm(tokens.shape[0], generator=generator)[: recipe.unsupervised_max_tokens]]
-    centroids = spherical_kmeans(
-        sample, classes.numel(), restarts=recipe.unsupervised_restarts, seed=recipe.seed, device=device
+
+    def fit_kmeans() -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = patches[count:].reshape(-1, patches.shape[-1])
+        generator = torch.Generator().manual_seed(0)
+        sample = tokens[torch.randperm(tokens.shape[0], generator=generator)[: recipe.unsupervised_max_tokens]]
+        return sample, spherical_kmeans(
+            sample, classes.numel(), restarts=recipe.unsupervised_restarts, seed=recipe.seed, device=device
+        )
+
+    (sample, centroids), fit_s = timed_call(fit_kmeans, device)
+    confusion, score_s = timed_call(
+        lambda: matched_confusion(
+            cluster_class_counts(patches[count:], centroids, masks[count:], classes, 255, device)
+        ),
+        device,
     )
-    synchronize(device)
-    fit_s = time.perf_counter() - start
-    start = time.perf_counter()
-    counts = cluster_class_counts(patches[count:], centroids, masks[count:], classes, 255, device)
-    confusion = matched_confusion(counts)
-    synchronize(device)
     measured["unsupervised"] = {
         "kmeans_s": fit_s,
-        "score_s": time.perf_counter() - start,
+        "score_s": score_s,
         "tokens_fitted": sample.shape[0],
         "pixel_accuracy": float(confusion.diagonal().sum() / confusion.sum() * 100),
     }

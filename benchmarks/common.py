@@ -176,13 +176,19 @@ def summarize_times(times: Sequence[float], warmup: int = 0) -> Timing:
     )
 
 
-def time_once(function: Callable[[], Any], device: torch.device | str = "cpu") -> float:
-    """Return the wall-clock seconds of one call of `function` (bracketed by device synchronizations on CUDA)."""
+def timed_call(function: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[Any, float]:
+    """Return what one call of `function` returns and its wall-clock seconds (bracketed by device synchronizations
+    on CUDA)."""
     synchronize(device)
     start = time.perf_counter()
-    function()
+    result = function()
     synchronize(device)
-    return time.perf_counter() - start
+    return result, time.perf_counter() - start
+
+
+def time_once(function: Callable[[], Any], device: torch.device | str = "cpu") -> float:
+    """Return the wall-clock seconds of one call of `function` (bracketed by device synchronizations on CUDA)."""
+    return timed_call(function, device)[1]
 
 
 def time_callable(
